@@ -1,0 +1,47 @@
+// The one pybind11 module, jsp_fast._C. Kernels under csrc/cpu and csrc/cuda are torch-free (raw
+// pointers and sizes); each area registers its entry points from a csrc/bind_<area>.cpp file, where
+// the arguments are checked before any pointer is handed to a kernel.
+#include <pybind11/pybind11.h>
+
+#include "bind.h"
+
+#ifdef JSP_FAST_OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = JSP_FAST_VERSION;
+#ifdef JSP_FAST_OPENMP
+  info["openmp"] = true;
+  info["max_threads"] = omp_get_max_threads();
+#else
+  info["openmp"] = false;
+  info["max_threads"] = 1;
+#endif
+#if defined(__AVX512F__)
+  info["simd"] = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  info["simd"] = "avx2";
+#else
+  info["simd"] = "scalar";
+#endif
+#ifdef JSP_FAST_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "jsp_fast compiled core: block-sparse CPU kernels (and CUDA kernels when built with them)";
+  m.def("build_info", &build_info, "How this module was built: version, OpenMP, SIMD level, CUDA.");
+  jsp_fast::bind_all(m);
+}

@@ -1,0 +1,6 @@
+"""jsp_fast: pruned continuous normalizing flows that actually run faster."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._ext import _C  # noqa: F401  (None when the compiled core failed to import)

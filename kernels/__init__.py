@@ -1,0 +1,1 @@
+"""Triton kernels, shipped as `jsp_fast.kernels` (never imported as a top-level `kernels`)."""
