@@ -4,3 +4,5 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._ext import _C  # noqa: F401  (None when the compiled core failed to import)
+
+from .cnf import CNF, SolverError  # noqa: E402
