@@ -6,3 +6,4 @@ __version__ = "0.1.0"
 from ._ext import _C  # noqa: F401  (None when the compiled core failed to import)
 
 from .cnf import CNF, SolverError  # noqa: E402
+from .prune import prune, remove_pruning  # noqa: E402

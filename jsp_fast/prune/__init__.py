@@ -1,0 +1,218 @@
+"""Pruning at initialization: ``jf.prune(model, method, sparsity, data)`` and ``jf.remove_pruning``.
+
+``prune`` scores every prunable field weight (``model.prunable_parameters()``), builds bool masks
+(see ``_masks`` for granularity, scope, the global per-layer floor and the exact count) and applies
+them in place as each layer's ``weight_mask`` buffer. ``prune.METHODS`` lists the scores.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import _scores
+from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
+
+METHODS = ("jsp", "random", "magnitude", "snip", "grasp", "synflow")
+
+__all__ = ["prune", "remove_pruning", "PruneResult", "METHODS", "GRANULARITIES", "SCOPES", "FALLBACKS"]
+
+
+@dataclass
+class PruneResult:
+    """What ``prune`` did. ``masks`` are already applied to the model.
+
+    ``fallback`` names the layers that could not be cut into blocks and got an unstructured or
+    dense mask instead, with the reason; ``info`` holds method diagnostics (e.g. JSP's ``L`` and
+    ``R`` at initialization).
+    """
+
+    method: str
+    sparsity: float
+    granularity: str
+    block: tuple[int, int] | None
+    scope: str
+    masks: dict[str, torch.Tensor]
+    density: dict[str, float]
+    scores: dict[str, torch.Tensor]
+    fallback: dict[str, str] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def kept(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    @property
+    def total(self) -> int:
+        return int(sum(m.numel() for m in self.masks.values()))
+
+    @property
+    def overall_density(self) -> float:
+        return self.kept / max(self.total, 1)
+
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{n}: {d:.3f}" for n, d in self.density.items())
+        fb = f", fallback={self.fallback}" if self.fallback else ""
+        return (f"PruneResult(method={self.method!r}, sparsity={self.sparsity}, granularity={self.granularity!r}, "
+                f"scope={self.scope!r}, kept={self.kept}/{self.total} ({self.overall_density:.4f}), "
+                f"density={{{layers}}}{fb})")
+
+
+def _check_block(block) -> tuple[int, int]:
+    if isinstance(block, int):
+        block = (block, block)
+    try:
+        bm, bk = (int(b) for b in block)
+    except (TypeError, ValueError):
+        raise ValueError(f"block must be an int or a pair of positive ints, got {block!r}") from None
+    if bm <= 0 or bk <= 0 or (bm, bk) != tuple(block):
+        raise ValueError(f"block must be a pair of positive ints, got {block!r}")
+    return bm, bk
+
+
+def _batches(model: nn.Module, data, n_batches: int, batch_size: int | None, seed: int) -> list[torch.Tensor]:
+    """Validate ``data`` and cut it into the scoring batches (seeded; whole set when no batch_size)."""
+    if hasattr(data, "train") and not isinstance(data, torch.Tensor):
+        data = data.train  # a jf.data dataset object
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a tensor of shape [n, {model.dim}], got {type(data).__name__}")
+    if data.dim() != 2 or data.shape[0] == 0:
+        raise ValueError(f"data must be a non-empty [n, {model.dim}] tensor, got shape {tuple(data.shape)}")
+    if data.shape[1] != model.dim:
+        raise ValueError(f"data has dimension {data.shape[1]} but the model has dim={model.dim}")
+    ref = next(iter(model.prunable_parameters().values()))
+    if not data.is_floating_point():
+        raise TypeError(f"data must be floating point, got {data.dtype}")
+    data = data.to(device=ref.device, dtype=ref.dtype)
+    if not torch.isfinite(data).all():
+        raise ValueError("data contains NaN or inf")
+    if batch_size is None:
+        return [data]
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if not isinstance(n_batches, int) or n_batches <= 0:
+        raise ValueError(f"n_batches must be a positive int, got {n_batches!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    n = data.shape[0]
+    idx = torch.cat([torch.randperm(n, generator=gen) for _ in range(math.ceil(n_batches * batch_size / n))])
+    idx = idx.to(data.device)
+    return [data[idx[i * batch_size:(i + 1) * batch_size]] for i in range(n_batches)]
+
+
+@contextlib.contextmanager
+def _scoring_mode(model: nn.Module, seed: int):
+    """Seeded RNG (Hutchinson noise) restored afterwards; adjoint off (GraSP needs double backward)."""
+    adjoint = getattr(model, "adjoint", False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        try:
+            if adjoint:
+                model.adjoint = False
+            yield
+        finally:
+            if adjoint:
+                model.adjoint = adjoint
+
+
+def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=None, *,
+          granularity: str = "unstructured", block=(32, 32), scope: str = "global",
+          abs_scores: bool = False, n_batches: int = 1, batch_size: int | None = None, seed: int = 0,
+          fallback: str = "unstructured", floor: float = 0.1, synflow_rounds: int = 100) -> PruneResult:
+    """Prune ``model``'s field weights at initialization, in place; returns a ``PruneResult``.
+
+    Args:
+        model: a ``jf.CNF`` (anything with ``prunable_parameters()`` whose owners have ``set_mask``).
+        method: one of ``prune.METHODS``; ``jsp``, ``snip`` and ``grasp`` need ``data``.
+        sparsity: fraction of the prunable weights to remove, in [0, 1).
+        data: ``[n, dim]`` tensor (or a ``jf.data`` dataset, whose ``.train`` is used).
+        granularity: "unstructured" (single weights) or "block" (``block = (rows, cols)`` tiles; a
+            block's score is the sum of its weights').
+        scope: "global" (one ranking over all layers, with a per-layer floor of
+            ``max(1, ceil(floor · (1 - sparsity) · units))`` units) or "layer" (each layer keeps
+            ``1 - sparsity`` of its own weights).
+        abs_scores: rank by ``|score|`` (JSP and GraSP scores are signed).
+        n_batches, batch_size: score on ``n_batches`` seeded random batches of ``batch_size`` and
+            average the gradients; ``batch_size=None`` scores on all of ``data`` at once.
+        seed: drives random scores, batch sampling and Hutchinson noise (global RNG left untouched).
+        fallback: for layers smaller than the block: "unstructured", "dense" or "error".
+        floor: the global-scope per-layer floor above.
+        synflow_rounds: SynFlow's iterations (density ``(1 - sparsity)^(k / rounds)`` at round k).
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
+    if not (0.0 <= floor <= 1.0):
+        raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+    if not isinstance(synflow_rounds, int) or synflow_rounds <= 0:
+        raise ValueError(f"synflow_rounds must be a positive int, got {synflow_rounds!r}")
+    if not hasattr(model, "prunable_parameters"):
+        raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
+    blk = _check_block(block) if granularity == "block" else None
+    params = dict(model.prunable_parameters())
+    if not params:
+        raise ValueError("the model has no prunable parameters")
+    kinds, reasons = plan_layers({n: tuple(p.shape) for n, p in params.items()}, granularity,
+                                 blk or (1, 1), fallback)
+    if method in _scores.DATA_METHODS:
+        if data is None:
+            raise ValueError(f"method {method!r} scores with data: pass data=[n, {model.dim}] tensor "
+                             f"(data-free methods: random, magnitude, synflow)")
+        batches = _batches(model, data, n_batches, batch_size, seed)
+    else:
+        batches = []
+
+    start = time.perf_counter()
+    info: dict = {}
+    build = dict(kinds=kinds, block=blk or (1, 1), scope=scope, floor=floor)
+    with _scoring_mode(model, seed):
+        if method == "synflow":
+            masks: dict[str, torch.Tensor] = {}
+            for k in range(1, synflow_rounds + 1):
+                raw = _scores.synflow_scores(model, params, masks)
+                scores = {n: s.abs() if abs_scores else s for n, s in raw.items()}
+                rho = (1.0 - sparsity) ** (k / synflow_rounds)
+                masks = build_masks(scores, 1.0 - rho, exclude=masks or None, **build)
+            info["rounds"] = synflow_rounds
+        else:
+            if method == "jsp":
+                dL, dR, L, R = _scores.loss_and_R_grads(model, params, batches)
+                raw = {n: r * l for n, r, l in zip(params, dR, dL)}
+                info.update(L=L, R=R)
+            elif method == "random":
+                gen = torch.Generator().manual_seed(int(seed))
+                raw = _scores.random_scores(model, params, batches, generator=gen)
+            else:
+                raw = getattr(_scores, f"{method}_scores")(model, params, batches)
+            scores = {n: s.detach().abs() if abs_scores else s.detach() for n, s in raw.items()}
+            masks = build_masks(scores, float(sparsity), **build)
+
+    for name, mask in masks.items():
+        model.get_submodule(name[: -len(".linear.weight")]).set_mask(mask)
+    density = {n: float(m.float().mean()) for n, m in masks.items()}
+    return PruneResult(method=method, sparsity=float(sparsity), granularity=granularity, block=blk, scope=scope,
+                       masks=masks, density=density, scores={n: s.detach() for n, s in scores.items()},
+                       fallback=reasons, info=info, seconds=time.perf_counter() - start)
+
+
+prune.METHODS = METHODS
+
+
+def remove_pruning(model: nn.Module) -> nn.Module:
+    """Bake the masks into plain weights (pruned entries stay 0) and drop the ``weight_mask`` buffers."""
+    for m in model.modules():
+        if hasattr(m, "set_mask") and getattr(m, "mask", None) is not None:
+            m.apply_mask_()
+            m.set_mask(None)
+    return model
