@@ -1,0 +1,106 @@
+// One call per vector-field evaluation: a whole concatsquash MLP (time gate, block-sparse or dense
+// products, activation, value and T tangents) evaluated in a single pass over batch tiles.
+//
+// Torch-free: the plan owns packed copies of the weights; eval() takes raw pointers and sizes.
+//
+// Math, per layer l with packed weight W (zeros outside kept blocks), per-output hyper-parameters
+// gate_w, gate_b, shift_w and bias b, at time t:
+//   g     = sigmoid(gate_w * t + gate_b)          scale
+//   s     = b * g + shift_w * t                   shift
+//   pre   = g ⊙ (x Wᵀ) + s,     y   = act(pre)
+//   pre_v = g ⊙ (x_v Wᵀ),       y_v = act'(pre) ⊙ pre_v     for every tangent v
+// with act = identity on the last layer. The value rows and the T tangent rows of a batch tile are
+// stacked into one (1+T)·TB-row matrix, so each packed weight panel is read once per tile for all of
+// them; activations stay in two per-thread ping-pong buffers sized for L2.
+//
+// Packing: a layer's outputs are cut into panels of kPanel outputs (the micro-kernel's width). For
+// each panel the needed input columns (the union of its kept blocks) form runs ("segments"); each
+// segment's weights are stored k-major, [len][kPanel], zero-padded past the last output.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+namespace jsp_fast {
+namespace cpu {
+namespace field {
+
+enum class Act : int { None = 0, Tanh = 1, Softplus = 2, Elu = 3, Relu = 4, Sigmoid = 5 };
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#elif defined(__AVX2__) || defined(__AVX__)
+constexpr int kVecBytes = 32;
+#else
+constexpr int kVecBytes = 16;
+#endif
+
+template <typename T>
+struct Simd {
+  typedef T vec __attribute__((vector_size(kVecBytes)));
+  static constexpr int L = kVecBytes / int(sizeof(T));  // lanes
+  static constexpr int PV = 2;                            // vectors per panel
+  static constexpr int P = PV * L;                        // panel width (outputs)
+  static constexpr int R = kVecBytes == 64 ? 12 : (kVecBytes == 32 ? 6 : 4);  // rows per micro-tile
+};
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+template <typename T>
+struct AlignedBuf {
+  std::unique_ptr<T[], FreeDeleter> ptr;
+  int64_t size = 0;
+  void resize(int64_t n);  // contents undefined, 64-byte aligned
+  T* data() { return ptr.get(); }
+  const T* data() const { return ptr.get(); }
+};
+
+template <typename T>
+struct Layer {
+  int64_t n = 0, k = 0, n_pad = 0;  // outputs, inputs, outputs rounded up to the panel width
+  Act act = Act::None;
+  std::vector<int64_t> panel_seg;                // [n_panels + 1] offsets into the segment arrays
+  std::vector<int64_t> seg_k0, seg_len, seg_off;  // per segment: first column, length, offset in w
+  AlignedBuf<T> w;                                // packed weights
+  AlignedBuf<T> gate_w, gate_b, shift_w, bias;    // [n_pad], zero-padded
+  int64_t kept_cols = 0;                          // Σ segment lengths (work per panel row)
+};
+
+template <typename T>
+class FieldPlan {
+ public:
+  static constexpr int kPanel = Simd<T>::P;
+  static constexpr int kRows = Simd<T>::R;
+
+  // w: [n, k] row-major dense weight (zeros where pruned); needed: [ceil(n / kPanel), k] bytes, 1 where
+  // the panel needs that input column. gate_w, gate_b, shift_w: [n]; bias: [n] or null.
+  void add_layer(int64_t n, int64_t k, Act act, const T* w, const uint8_t* needed, const T* gate_w,
+                 const T* gate_b, const T* shift_w, const T* bias);
+
+  // z: [B, dim]; v: [ntan, B, dim] (ignored when ntan == 0); f: [B, dim]; jv: [ntan, B, dim].
+  // Rows are contiguous; batch stride of each tangent is B * dim. Thread-safe (no mutable state).
+  void eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T* f, T* jv, int num_threads) const;
+
+  int64_t dim_in() const { return layers_.empty() ? 0 : layers_.front().k; }
+  int64_t dim_out() const { return layers_.empty() ? 0 : layers_.back().n; }
+  int64_t num_layers() const { return int64_t(layers_.size()); }
+  // Fraction of the dense multiply-adds the packed plan performs (kept columns × padded outputs).
+  double density() const;
+  // Batch rows per tile for ntan tangents (multiple of kRows).
+  int64_t tile_rows(int64_t B, int64_t ntan, int num_threads) const;
+
+ private:
+  std::vector<Layer<T>> layers_;
+  int64_t max_width_ = 0;  // max over layers of n_pad and k
+};
+
+extern template class FieldPlan<float>;
+extern template class FieldPlan<double>;
+
+}  // namespace field
+}  // namespace cpu
+}  // namespace jsp_fast
