@@ -1,0 +1,400 @@
+"""jsp_fast.data: toy sets and their densities, digits with bits/dim, MAF tabular formats, get()."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jsp_fast.data as D
+
+CLOSED_FORM = ("8gaussians", "checkerboard", "circles", "rings")
+
+
+# ----------------------------------------------------------------------------------------- toy sets
+@pytest.mark.parametrize("name", D.TOY_NAMES)
+def test_toy_shape_dtype_and_determinism(name):
+    a = D.toy(name, 1001, seed=3)
+    assert a.shape == (1001, 2) and a.dtype == torch.float32
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, D.toy(name, 1001, seed=3))
+    assert not torch.equal(a, D.toy(name, 1001, seed=4))
+    for n in (1, 2, 3, 7):  # odd sizes still give exactly n points
+        assert D.toy(name, n).shape == (n, 2)
+
+
+def test_toy_leaves_global_rng_alone():
+    np_state, torch_state = np.random.get_state(), torch.get_rng_state()
+    for name in D.TOY_NAMES:
+        D.toy(name, 50, seed=1)
+    after = np.random.get_state()
+    assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b for a, b in zip(np_state, after))
+    assert torch.equal(torch_state, torch.get_rng_state())
+
+
+def test_toy_bad_input():
+    with pytest.raises(ValueError, match="8gaussians") as e:
+        D.toy("nine_gaussians", 10)
+    assert all(n in str(e.value) for n in D.TOY_NAMES)
+    for n in (0, -3, 2.5, True, "10", None):
+        with pytest.raises(ValueError, match="positive int"):
+            D.toy("moons", n)
+    with pytest.raises(ValueError, match="seed"):
+        D.toy("moons", 10, seed=-1)
+
+
+def test_toy_curves_and_supports():
+    line = D.toy("line", 2000)
+    assert torch.equal(line[:, 0], line[:, 1]) and line.abs().max() <= 2.5
+    cos = D.toy("cos", 2000).double()
+    torch.testing.assert_close(cos[:, 1], 2.5 * torch.sin(cos[:, 0]), atol=1e-6, rtol=0)
+    cb = D.toy("checkerboard", 4000)
+    assert cb.min() >= -4 and cb.max() < 4
+    assert torch.isfinite(D.toy_log_prob("checkerboard", cb)).all()
+    # 8gaussians: every point lies near one of the eight centers (radius 4 / 1.414, std .5 / 1.414)
+    g = D.toy("8gaussians", 4000).double()
+    assert (g.norm(dim=1) - 4 / 1.414).abs().max() < 6 * 0.5 / 1.414
+    angle = torch.atan2(g[:, 1], g[:, 0]) / (math.pi / 4)
+    counts = torch.bincount(torch.round(angle).long() % 8, minlength=8)
+    assert counts.min() > 400  # 8 equally likely components of 4000 points
+
+
+def _sklearn_reference(name, n, seed):
+    """FFJORD's own construction of these sets from scikit-learn generators."""
+    import sklearn.datasets as skd
+
+    if name == "swissroll":
+        return skd.make_swiss_roll(n_samples=n, noise=1.0, random_state=seed)[0][:, [0, 2]] / 5
+    if name == "circles":
+        return skd.make_circles(n_samples=n, factor=0.5, noise=0.08, random_state=seed)[0] * 3
+    return skd.make_moons(n_samples=n, noise=0.1, random_state=seed)[0] * 2 + np.array([-1, -0.2])
+
+
+@pytest.mark.parametrize("name", ["swissroll", "circles", "moons"])
+def test_toy_matches_ffjord_sklearn_construction(name):
+    n = 20000
+    ours = D.toy(name, n, seed=0).double().numpy()
+    ref = _sklearn_reference(name, n, seed=0)
+    np.testing.assert_allclose(ours.mean(0), ref.mean(0), atol=0.05)
+    np.testing.assert_allclose(np.cov(ours.T), np.cov(ref.T), atol=0.06)
+    r_ours, r_ref = np.linalg.norm(ours, axis=1), np.linalg.norm(ref, axis=1)
+    np.testing.assert_allclose(np.quantile(r_ours, [0.1, 0.5, 0.9]), np.quantile(r_ref, [0.1, 0.5, 0.9]),
+                               atol=0.05)
+
+
+# ----------------------------------------------------------------------------- closed-form densities
+def _grid(half=6.0, h=0.01):
+    g = torch.arange(-half, half, h, dtype=torch.float64) + h / 2
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], 1), h * h
+
+
+@pytest.mark.parametrize("name", CLOSED_FORM)
+def test_toy_log_prob_normalised_and_consistent_with_samples(name):
+    pts, area = _grid()
+    lq = D.toy_log_prob(name, pts)
+    q = lq.exp()
+    assert lq.dtype == torch.float64
+    assert abs(float(q.sum() * area) - 1.0) < 2e-3  # integrates to one
+    neg_entropy = float(torch.where(q > 0, q * lq, torch.zeros_like(q)).sum() * area)
+    # If the density does not describe the sampler, E_samples[log q] = -H(p) - KL(p||q) differs
+    # from the grid value -H(q).
+    lp = D.toy_log_prob(name, D.toy(name, 20000, seed=11)).double()
+    assert torch.isfinite(lp).all()
+    se = float(lp.std()) / math.sqrt(lp.numel())
+    assert abs(float(lp.mean()) - neg_entropy) < 4 * se + 2e-3
+
+
+def test_toy_log_prob_hand_values():
+    # At a center of 8gaussians the other components are > 18 std away: log p = -log 8 - log(2 pi s^2).
+    s = 0.5 / 1.414
+    c = torch.tensor([[4 / 1.414, 0.0], [0.0, -4 / 1.414]], dtype=torch.float64)
+    expect = -math.log(8) - math.log(2 * math.pi * s * s)
+    torch.testing.assert_close(D.toy_log_prob("8gaussians", c), torch.full((2,), expect, dtype=torch.float64))
+    # checkerboard: uniform 1/32 on the squares, -inf in the gaps and outside [-4, 4)^2
+    pts = torch.tensor([[0.5, 0.5], [-3.0, -3.0], [3.0, 3.0], [0.5, 2.5], [4.5, 0.5], [-1.0, 0.5]])
+    got = D.toy_log_prob("checkerboard", pts)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[:3], torch.full((3,), -math.log(32.0)))
+    assert torch.isneginf(got[3:]).all()
+    # circles far from both rings is tiny but finite (no underflow to -inf in the Bessel term)
+    assert torch.isfinite(D.toy_log_prob("rings", torch.tensor([[30.0, 0.0]]))).all()
+
+
+def test_toy_log_prob_is_differentiable():
+    x = D.toy("8gaussians", 16).requires_grad_()
+    D.toy_log_prob("8gaussians", x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_toy_log_prob_errors():
+    for name in ("moons", "swissroll", "pinwheel", "2spirals", "line", "cos"):
+        with pytest.raises(ValueError, match="no closed-form"):
+            D.toy_log_prob(name, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"\[n, 2\]"):
+        D.toy_log_prob("8gaussians", torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="unknown toy"):
+        D.toy_log_prob("gaussians8", torch.zeros(3, 2))
+
+
+# ------------------------------------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def digits0():
+    return D.digits(seed=0)
+
+
+def test_digits_splits(digits0):
+    ds = digits0
+    assert (ds.name, ds.dim, ds.shape) == ("digits", 64, (8, 8))
+    n = 1797
+    assert ds.test.shape == (round(0.2 * n), 64) and ds.val.shape == (round(0.1 * n), 64)
+    assert ds.train.shape[0] + ds.val.shape[0] + ds.test.shape[0] == n
+    assert all(t.dtype == torch.float32 for t in (ds.train, ds.val, ds.test))
+    idx = ds.info["index"]
+    allidx = torch.cat([idx["train"], idx["val"], idx["test"]])
+    assert torch.equal(allidx.sort().values, torch.arange(n))  # disjoint and complete
+    again = D.digits(seed=0)
+    for k in ("train", "val", "test"):
+        assert torch.equal(getattr(ds, k), getattr(again, k))
+    other = D.digits(seed=1)
+    assert not torch.equal(other.info["index"]["test"], idx["test"])
+
+
+def test_digits_dequantization_and_inverse(digits0):
+    from sklearn.datasets import load_digits
+
+    raw = load_digits().data
+    ds = digits0
+    for k in ("train", "val", "test"):
+        y = getattr(ds, k)
+        v = ds.to_pixels(y, clamp=False).double()
+        pixels = torch.from_numpy(raw[ds.info["index"][k].numpy()])
+        frac = v - pixels  # dequantization noise, in [0, 1)
+        assert frac.min() >= -1e-4 and frac.max() < 1 + 1e-4
+        assert 0.3 < float(frac.mean()) < 0.7
+        clamped = ds.to_pixels(y)
+        assert clamped.min() >= 0 and clamped.max() <= 16
+    fresh = ds.fresh_train(5)
+    assert fresh.shape == ds.train.shape and not torch.equal(fresh, ds.train)
+    frac = ds.to_pixels(fresh, clamp=False).double() - torch.from_numpy(raw[ds.info["index"]["train"].numpy()])
+    assert frac.min() >= -1e-4 and frac.max() < 1 + 1e-4  # same pixels, new noise
+    assert torch.equal(fresh, ds.fresh_train(5))
+    # exact round trip of the transform on chosen pixel values
+    v = torch.tensor([[0.001, 0.5, 8.25, 16.999] * 16], dtype=torch.float64)
+    s = 1e-6 + (1 - 2e-6) * v / 17
+    y = torch.log(s) - torch.log1p(-s)
+    torch.testing.assert_close(ds.to_pixels(y, clamp=False), v, atol=1e-9, rtol=0)
+
+
+def test_digits_bits_per_dim_standard_normal_in_logit_space(digits0):
+    rng = np.random.default_rng(0)
+    v = rng.uniform(0, 17, size=(5, 64))  # dequantized pixels
+    lam = 1e-6
+    s = lam + (1 - 2 * lam) * v / 17
+    y = np.log(s / (1 - s))
+    log_py = (-0.5 * y * y - 0.5 * np.log(2 * np.pi)).sum(1)
+    dy_dv = (1 - 2 * lam) / (17 * s * (1 - s))
+    expect = -(log_py + np.log(dy_dv).sum(1)) / (64 * np.log(2))
+    got = digits0.bits_per_dim(torch.from_numpy(log_py), torch.from_numpy(y))
+    assert got.shape == (5,)
+    np.testing.assert_allclose(got.numpy(), expect, rtol=1e-10)
+    # float32 inputs keep their dtype and are close
+    got32 = digits0.bits_per_dim(torch.from_numpy(log_py).float(), torch.from_numpy(y).float())
+    assert got32.dtype == torch.float32
+    np.testing.assert_allclose(got32.numpy(), expect, rtol=1e-4)
+
+
+def test_digits_bits_per_dim_of_uniform_pixels_is_log2_17(digits0):
+    # A density uniform on [0, 17)^64 has log2(17) bits/dim; in logit space p_y = p_v / |dy/dv|.
+    y = digits0.test[:7].double()
+    s = torch.sigmoid(y)
+    log_jac = (math.log(1 - 2e-6) - math.log(17) - torch.log(s) - torch.log1p(-s)).sum(1)
+    log_py = -64 * math.log(17) - log_jac
+    torch.testing.assert_close(digits0.bits_per_dim(log_py, y), torch.full((7,), math.log2(17),
+                                                                          dtype=torch.float64))
+
+
+def test_digits_bad_input(digits0):
+    with pytest.raises(ValueError, match="val_fraction"):
+        D.digits(val_fraction=1.5)
+    with pytest.raises(ValueError, match="< 1"):
+        D.digits(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        D.digits(alpha=0.7)
+    with pytest.raises(ValueError, match=r"\[n, 64\]"):
+        digits0.bits_per_dim(torch.zeros(3), torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="log_prob_y"):
+        digits0.bits_per_dim(torch.zeros(()), torch.zeros(3, 64))
+
+
+# ------------------------------------------------------------------------------------------ tabular
+def _write_power(root, n=1000):
+    rng = np.random.default_rng(0)
+    cols = np.arange(8) * 1000.0  # column j sits near 1000 j, so we can see which ones survive
+    data = cols + rng.standard_normal((n, 8))
+    os.makedirs(root / "power")
+    np.save(root / "power" / "data.npy", data)
+    return data
+
+
+def test_power(tmp_path):
+    raw = _write_power(tmp_path)
+    ds = D.tabular("POWER", tmp_path)
+    assert (ds.name, ds.dim) == ("power", 6)
+    assert (ds.test.shape[0], ds.val.shape[0], ds.train.shape[0]) == (100, 90, 810)
+    assert ds.bits_per_dim is None and ds.log_prob is None
+    tv = torch.cat([ds.train, ds.val]).double()
+    torch.testing.assert_close(tv.mean(0), torch.zeros(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tv.std(0, unbiased=False), torch.ones(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    again = D.tabular("power", tmp_path)
+    assert torch.equal(ds.train, again.train) and torch.equal(ds.test, again.test)
+
+
+def test_power_noise_and_columns(tmp_path):
+    raw = _write_power(tmp_path)
+    ds = D.tabular("power", tmp_path)
+    back = torch.cat([ds.train, ds.val, ds.test]).double().numpy() * ds.info["std"] + ds.info["mean"]
+    kept = raw[:, [0, 2, 4, 5, 6]]  # time (7) is checked on its own
+    # the last (time) column gets no noise: its values are the original ones, shuffled
+    np.testing.assert_allclose(np.sort(back[:, 5]), np.sort(raw[:, 7]), atol=1e-3)
+    # columns 1 and 3 are dropped; each kept column gets uniform noise of MAF's width (0.001, 0.01,
+    # 1, 1, 1), so its mean moves up by half that width
+    shift = back[:, :5].mean(0) - kept.mean(0)
+    widths = np.array([0.001, 0.01, 1, 1, 1])
+    assert np.all(shift >= 0) and np.all(shift <= widths)
+    np.testing.assert_allclose(shift / widths, 0.5, atol=0.08)
+
+
+def _write_gas(root):
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    n = 500
+    cols = {"Time": np.arange(n, dtype=float), "Meth": rng.random(n), "Eth": rng.random(n)}
+    for j in range(6):
+        cols[f"s{j}"] = rng.standard_normal(n) * (j + 1) + 10 * j
+    cols["s1"] = 3 * cols["s4"] + 0.01 * rng.standard_normal(n)  # s1 ~ s4: the first of them goes
+    os.makedirs(root / "gas")
+    pd.DataFrame(cols).to_pickle(root / "gas" / "ethylene_CO.pickle")
+
+
+def test_gas(tmp_path):
+    _write_gas(tmp_path)
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        D.tabular("gas", tmp_path)
+    ds = D.tabular("Gas", tmp_path, allow_pickle=True)
+    assert ds.info["columns"] == ["s0", "s2", "s3", "s4", "s5"] and ds.dim == 5
+    assert (ds.test.shape[0], ds.val.shape[0], ds.train.shape[0]) == (50, 45, 405)
+    allrows = torch.cat([ds.train, ds.val, ds.test]).double()
+    torch.testing.assert_close(allrows.mean(0), torch.zeros(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(allrows.std(0), torch.ones(5, dtype=torch.float64), atol=1e-5, rtol=0)
+    # no shuffle: the test split is the last rows, in order (s0 rows are independent draws, so
+    # compare with the file directly)
+    import pandas as pd
+
+    s0 = pd.read_pickle(tmp_path / "gas" / "ethylene_CO.pickle")["s0"].to_numpy()
+    np.testing.assert_allclose(ds.test[:, 0].double().numpy(), ((s0 - s0.mean()) / s0.std(ddof=1))[-50:],
+                               atol=1e-5)
+
+
+def _write_hepmass(root):
+    rng = np.random.default_rng(2)
+    header = ["# label"] + [f"f{j}" for j in range(27)] + ["mass"]
+
+    def rows(n):
+        label = rng.integers(0, 2, n).astype(float)
+        f = rng.standard_normal((n, 27))
+        f[:, 5] = rng.choice([-1.0, 0.0, 2.0], n)  # discrete feature, smallest value repeated
+        f[:, 9] = np.where(rng.random(n) < 0.5, -3.0, f[:, 9])  # point mass at its minimum
+        return np.column_stack([label, f, np.full(n, 1000.0)])
+
+    os.makedirs(root / "hepmass")
+    for fname, n in (("1000_train.csv", 400), ("1000_test.csv", 200)):
+        np.savetxt(root / "hepmass" / fname, rows(n), delimiter=",", header=",".join(header), comments="")
+    return header
+
+
+def test_hepmass(tmp_path):
+    _write_hepmass(tmp_path)
+    ds = D.tabular("hepmass", tmp_path)
+    expect_cols = [f"f{j}" for j in range(27) if j not in (5, 9)]
+    assert ds.info["columns"] == expect_cols and ds.dim == 25
+    import pandas as pd
+
+    tr = pd.read_csv(tmp_path / "hepmass" / "1000_train.csv")
+    te = pd.read_csv(tmp_path / "hepmass" / "1000_test.csv")
+    n_sig = int((tr["# label"] == 1).sum())
+    assert ds.train.shape[0] + ds.val.shape[0] == n_sig and ds.val.shape[0] == int(0.1 * n_sig)
+    assert ds.test.shape[0] == int((te["# label"] == 1).sum())
+    tv = torch.cat([ds.train, ds.val]).double()
+    torch.testing.assert_close(tv.mean(0), torch.zeros(25, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tv.std(0), torch.ones(25, dtype=torch.float64), atol=1e-5, rtol=0)
+    # the test set uses the train statistics
+    sig = tr[tr["# label"] == 1]
+    f0 = te[te["# label"] == 1]["f0"].to_numpy()
+    np.testing.assert_allclose(ds.test[:, 0].double().numpy(), (f0 - sig["f0"].mean()) / sig["f0"].std(),
+                               atol=1e-5)
+
+
+def test_miniboone_and_bsds300(tmp_path):
+    rng = np.random.default_rng(3)
+    os.makedirs(tmp_path / "miniboone")
+    np.save(tmp_path / "miniboone" / "data.npy", rng.standard_normal((500, 43)) * 5 + 2)
+    ds = D.tabular("miniboone", tmp_path)
+    assert ds.dim == 43 and (ds.test.shape[0], ds.val.shape[0], ds.train.shape[0]) == (50, 45, 405)
+    tv = torch.cat([ds.train, ds.val]).double()
+    torch.testing.assert_close(tv.std(0, unbiased=False), torch.ones(43, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    import h5py
+
+    os.makedirs(tmp_path / "BSDS300")
+    parts = {"train": rng.random((30, 63)), "validation": rng.random((10, 63)), "test": rng.random((12, 63))}
+    with h5py.File(tmp_path / "BSDS300" / "BSDS300.hdf5", "w") as f:
+        for k, v in parts.items():
+            f.create_dataset(k, data=v)
+    b = D.tabular("BSDS300", tmp_path)
+    assert b.dim == 63 and b.name == "bsds300"
+    np.testing.assert_allclose(b.val.numpy(), parts["validation"].astype(np.float32))
+    np.testing.assert_allclose(b.test.numpy(), parts["test"].astype(np.float32))
+
+
+def test_tabular_errors(tmp_path):
+    with pytest.raises(ValueError, match="power, gas, hepmass, miniboone, bsds300"):
+        D.tabular("cifar", tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        D.tabular("miniboone", tmp_path)
+    assert str(tmp_path / "miniboone" / "data.npy") in str(e.value) and "zenodo" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="1000_train.csv"):
+        D.tabular("hepmass", tmp_path)
+    with pytest.raises(ValueError, match="root"):
+        D.tabular("power", None)
+
+
+# -------------------------------------------------------------------------------------------- get()
+def test_get_toy():
+    ds = D.get("8gaussians", n=500, seed=2)
+    assert ds.train.shape == (500, 2) and ds.val.shape == (100, 2) and ds.test.shape == (100, 2)
+    assert ds.dim == 2 and ds.bits_per_dim is None
+    assert not torch.equal(ds.val, ds.test) and not torch.equal(ds.train[:100], ds.val)
+    again = D.get("8gaussians", n=500, seed=2)
+    assert torch.equal(ds.train, again.train) and torch.equal(ds.test, again.test)
+    torch.testing.assert_close(ds.log_prob(ds.test), D.toy_log_prob("8gaussians", ds.test))
+    assert D.get("moons", n=50).log_prob is None
+    with pytest.raises(ValueError, match="at least 5"):
+        D.get("moons", n=4)
+    with pytest.raises(ValueError, match="positive int"):
+        D.get("moons", n=-1)
+
+
+def test_get_dispatch(tmp_path):
+    assert set(D.NAMES) == set(D.TOY_NAMES) | {"digits"} | {"power", "gas", "hepmass", "miniboone", "bsds300"}
+    with pytest.raises(ValueError, match="digits"):
+        D.get("mnist")
+    d = D.get("digits", seed=0, val_fraction=0.1)
+    assert d.shape == (8, 8) and callable(d.bits_per_dim)
+    os.makedirs(tmp_path / "miniboone")
+    np.save(tmp_path / "miniboone" / "data.npy", np.random.default_rng(0).standard_normal((100, 43)))
+    m = D.get("MiniBooNE", root=tmp_path)
+    assert m.name == "miniboone" and m.dim == 43 and m.bits_per_dim is None and m.log_prob is None
