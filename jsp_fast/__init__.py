@@ -7,3 +7,6 @@ from ._ext import _C  # noqa: F401  (None when the compiled core failed to impor
 
 from .cnf import CNF, SolverError  # noqa: E402
 from .prune import prune, remove_pruning  # noqa: E402
+from . import data  # noqa: E402
+from .train import train  # noqa: E402
+from .checkpoint import save, load  # noqa: E402
