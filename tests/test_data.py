@@ -85,26 +85,38 @@ def test_toy_matches_ffjord_sklearn_construction(name):
 
 
 # ----------------------------------------------------------------------------- closed-form densities
-def _grid(half=6.0, h=0.01):
-    g = torch.arange(-half, half, h, dtype=torch.float64) + h / 2
-    xx, yy = torch.meshgrid(g, g, indexing="ij")
-    return torch.stack([xx.flatten(), yy.flatten()], 1), h * h
-
-
 @pytest.mark.parametrize("name", CLOSED_FORM)
 def test_toy_log_prob_normalised_and_consistent_with_samples(name):
-    pts, area = _grid()
-    lq = D.toy_log_prob(name, pts)
-    q = lq.exp()
+    half, h, b = 6.0, 0.01, 0.25  # fine grid h for integrals, coarse bins b for the histogram
+    g = torch.arange(-half, half, h, dtype=torch.float64) + h / 2
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    lq = D.toy_log_prob(name, torch.stack([xx.flatten(), yy.flatten()], 1))
     assert lq.dtype == torch.float64
-    assert abs(float(q.sum() * area) - 1.0) < 2e-3  # integrates to one
-    neg_entropy = float(torch.where(q > 0, q * lq, torch.zeros_like(q)).sum() * area)
-    # If the density does not describe the sampler, E_samples[log q] = -H(p) - KL(p||q) differs
-    # from the grid value -H(q).
-    lp = D.toy_log_prob(name, D.toy(name, 20000, seed=11)).double()
+    q = lq.exp()
+    assert abs(float(q.sum() * h * h) - 1.0) < 2e-3  # integrates to one
+    x = D.toy(name, 20000, seed=11).double()
+    # 1) mean log q over samples vs. the grid's -H(q): a density that does not describe the sampler
+    # gives E_p[log q] = -H(p) - KL(p||q) != -H(q).
+    neg_entropy = float(torch.where(q > 0, q * lq, torch.zeros_like(q)).sum() * h * h)
+    lp = D.toy_log_prob(name, x)
     assert torch.isfinite(lp).all()
     se = float(lp.std()) / math.sqrt(lp.numel())
     assert abs(float(lp.mean()) - neg_entropy) < 4 * se + 2e-3
+    # 2) chi-square of a 0.25-bin histogram of the samples against the density's mass per bin
+    nb, k = int(2 * half / b), int(b / h)
+    expected = q.reshape(nb, k, nb, k).sum((1, 3)).flatten() * h * h * x.shape[0]
+    ij = ((x + half) / b).floor().long()
+    inside = ((ij >= 0) & (ij < nb)).all(1)
+    counts = torch.bincount(ij[inside, 0] * nb + ij[inside, 1], minlength=nb * nb).double()
+    big = expected >= 5  # pool the sparse cells (and everything outside the grid) into one
+    obs, exp = counts[big], expected[big]
+    rest_obs, rest_exp = x.shape[0] - obs.sum(), x.shape[0] - exp.sum()
+    if rest_exp >= 5:
+        obs, exp = torch.cat([obs, rest_obs.reshape(1)]), torch.cat([exp, rest_exp.reshape(1)])
+    else:  # checkerboard: no mass outside the squares, so (almost) no samples there either
+        assert rest_obs <= 10, rest_obs
+    stat, dof = float(((obs - exp) ** 2 / exp).sum()), obs.numel() - 1
+    assert (stat - dof) / math.sqrt(2 * dof) < 4, (stat, dof)
 
 
 def test_toy_log_prob_hand_values():
