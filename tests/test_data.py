@@ -61,6 +61,22 @@ def test_toy_curves_and_supports():
     assert counts.min() > 400  # 8 equally likely components of 4000 points
 
 
+def test_toy_pinwheel_and_spirals_geometry():
+    # pinwheel: |x| / 2 = |f| with f ~ N((1, 0), diag(.3^2, .1^2)) (a rotation keeps the norm), and the
+    # five arms are equally populated
+    p = D.toy("pinwheel", 20000, seed=5).double()
+    f = torch.randn(200000, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    f = f * torch.tensor([0.3, 0.1], dtype=torch.float64) + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(torch.quantile(p.norm(dim=1) / 2, q), torch.quantile(f.norm(dim=1), q),
+                               atol=0.02, rtol=0)
+    # 2spirals: the two arms are point reflections of each other, so x and -x have the same law;
+    # the radius before noise is at most 3 pi (540 degrees) / 3 plus the uniform offsets
+    s = D.toy("2spirals", 20000, seed=5).double()
+    torch.testing.assert_close(torch.quantile(s[:, 0], q), -torch.quantile(s[:, 0], 1 - q), atol=0.06, rtol=0)
+    assert s.norm(dim=1).max() < (3 * math.pi + 0.75) / 3 + 0.6
+
+
 def _sklearn_reference(name, n, seed):
     """FFJORD's own construction of these sets from scikit-learn generators."""
     import sklearn.datasets as skd
