@@ -9,6 +9,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ._toy import _check_seed
+
 DIGITS_LEVELS = 17  # pixel values 0..16
 DIGITS_SHAPE = (8, 8)
 
@@ -117,8 +119,6 @@ def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
         transform to pixel values, clamped to [0, 16]). ``info`` holds the split indices into
         ``load_digits().data``, the integer pixels of each split, ``alpha`` and ``levels``.
     """
-    from ._toy import _check_seed
-
     seed = _check_seed(seed)
     val_fraction = _check_fraction(val_fraction, "val_fraction")
     test_fraction = _check_fraction(test_fraction, "test_fraction")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ._images import Dataset
+from ._toy import _check_seed
 
 TABULAR_NAMES = ("power", "gas", "hepmass", "miniboone", "bsds300")
 
@@ -196,8 +197,6 @@ def tabular(name: str, root, *, allow_pickle: bool = False, seed: int = 42) -> D
                          f"the data comes from {_SOURCE}")
     info: dict = {"root": os.fspath(root)}
     if name == "power":
-        from ._toy import _check_seed
-
         train, val, test, mu, sd = _load_power(root, _check_seed(seed))
         info.update(mean=mu, std=sd, seed=int(seed))
         train, val, test = ((a - mu) / sd for a in (train, val, test))
