@@ -1,0 +1,318 @@
+"""``jsp-fast bench e2e``: a pruned CNF, dense against sparsified, end to end.
+
+For each dataset setup and block sparsity: build a CNF, prune it with ``jf.prune`` (JSP by default,
+block granularity), then time ``sample(n)`` and ``log_prob(x)`` (under ``torch.no_grad()``, same
+solver, tolerances and Hutchinson noise) for
+
+- ``dense``: the masked dense model (plain torchdiffeq FFJORD, the field in eager PyTorch);
+- ``compiled``: the same dense model with its field's ``forward``/``jvp`` under ``torch.compile``;
+- ``sparse``: ``jf.sparsify(model)`` (the one-call fused C++ field on the CPU).
+
+Every row gives the median time, throughput, the NFE of the solve and the largest log-density
+difference from the dense model. ``run`` writes a markdown table (with the machine and the command)
+into the "End to end" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SECTION = "## End to end"
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    dataset: str
+    dim: int
+    hidden: tuple
+    trace: str
+    block: tuple
+    n: int
+
+
+SETUPS = {
+    "digits": Setup("digits", "digits", 64, (512, 512, 512), "hutchinson", (32, 32), 1000),
+    # 64-wide layers cut into 8x8 blocks: at 95% the whole field keeps ~420 weights, fewer than one
+    # 32x32 (or 16x16) block per layer, which jf.prune's per-layer floor refuses.
+    "toy": Setup("toy", "8gaussians", 2, (64, 64, 64), "exact", (8, 8), 10_000),
+}
+PROVIDERS = ("dense", "compiled", "sparse")
+
+
+def _log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
+    from . import data as jdata
+
+    if setup.dataset == "digits":
+        ds = jdata.digits(seed=seed)
+        x = torch.cat([ds.train, ds.val, ds.test])
+    else:
+        x = jdata.get(setup.dataset, n=max(n, 512), seed=seed).train
+    reps = -(-n // x.shape[0])
+    return x.repeat(reps, 1)[:n].contiguous()
+
+
+def build_models(setup: Setup, sparsity: float, data: torch.Tensor, solver: str = "dopri5",
+                 tol: float = 1e-5, prune_method: str = "jsp", seed: int = 0):
+    """(dense masked CNF, jf.sparsify of it, PruneResult)."""
+    import jsp_fast as jf
+    from .sparse._sparsify import sparsify
+
+    torch.manual_seed(seed)
+    model = jf.CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
+    res = jf.prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
+                   seed=seed)
+    model.eval()
+    return model, sparsify(model), res
+
+
+def compile_like(model):
+    """A copy of ``model`` whose field's forward and jvp run under ``torch.compile``."""
+    comp = copy.deepcopy(model)
+    net = comp.net
+    net.forward = torch.compile(net.forward, dynamic=False)
+    net.jvp = torch.compile(net.jvp, dynamic=False)
+    return comp
+
+
+def load_weights_(dst, src) -> None:
+    """Copy ``src``'s weights and masks into ``dst`` in place (keeps compiled code valid)."""
+    with torch.no_grad():
+        for (name, a), b in zip(dst.state_dict().items(), src.state_dict().values()):
+            a.copy_(b)
+
+
+def _median_time(fn, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) if ts else float("nan")
+
+
+def measure(model, op: str, x: torch.Tensor, n: int, repeats: int, noise_seed: int = 1):
+    """(median seconds, NFE, output) of one op under no_grad (one untimed warm-up call)."""
+
+    def call():
+        with torch.no_grad():
+            if op == "sample":
+                return model.sample(n, seed=0)
+            torch.manual_seed(noise_seed)  # the same Hutchinson noise for every provider
+            return model.log_prob(x)
+
+    out = call()
+    nfe = model.nfe["forward"]
+    return _median_time(call, repeats), nfe, out
+
+
+def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=PROVIDERS, repeats: int = 3,
+            n: int | None = None, solver: str = "dopri5", tol: float = 1e-5, prune_method: str = "jsp",
+            seed: int = 0, quiet: bool = False) -> list[dict]:
+    rows = []
+    for name in datasets:
+        setup = SETUPS[name]
+        bs = n or setup.n
+        x = load_data(setup, bs, seed)
+        compiled = None
+        for sp in sparsities:
+            t0 = time.perf_counter()
+            dense, fast, res = build_models(setup, sp, x, solver, tol, prune_method, seed)
+            _log(f"[{name} {sp:.0%}] pruned ({prune_method}, {time.perf_counter() - t0:.1f} s); "
+                 f"dense layers in the sparse model: {fast.net.dense_layers or 'none'}", quiet)
+            models = {"dense": dense, "sparse": fast}
+            if "compiled" in providers:
+                if compiled is None:
+                    t0 = time.perf_counter()
+                    compiled = compile_like(dense)
+                    measure(compiled, "log_prob", x, bs, 0)
+                    measure(compiled, "sample", x, bs, 0)
+                    _log(f"[{name}] torch.compile warm-up {time.perf_counter() - t0:.1f} s", quiet)
+                load_weights_(compiled, dense)
+                models["compiled"] = compiled
+            for op in ("sample", "log_prob"):
+                ref = None
+                for prov in providers:
+                    sec, nfe, out = measure(models[prov], op, x, bs, repeats)
+                    if prov == "dense":
+                        ref = out
+                    diff = float((out - ref).abs().max()) if ref is not None else float("nan")
+                    row = dict(dataset=name, sparsity=sp, op=op, provider=prov, seconds=sec, nfe=nfe,
+                               throughput=bs / sec, n=bs, max_abs_diff=diff,
+                               density=res.overall_density, trace=setup.trace,
+                               hidden=setup.hidden, block=setup.block)
+                    rows.append(row)
+                    _log(f"[{name} {sp:.0%}] {op:8s} {prov:8s} {sec * 1e3:9.1f} ms  NFE {nfe:4d}  "
+                         f"{bs / sec:10.0f}/s  max|diff| {diff:.2e}", quiet)
+    return rows
+
+
+def machine_info() -> dict:
+    from ._ext import _C
+
+    model = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = _C.build_info() if _C is not None else {}
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "simd": info.get("simd", "?"),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)")}
+
+
+def format_markdown(rows: list[dict], command: str, solver: str, tol: float, prune_method: str) -> str:
+    m = machine_info()
+    lines = [
+        SECTION, "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu']} ({m['cores']} cores, "
+        f"{m['threads']} torch threads, kernels built for {m['simd']}, OMP_WAIT_POLICY={m['omp_wait_policy']}), "
+        f"torch {m['torch']}; float32; solver {solver}, rtol = atol = {tol}; masks from "
+        f"`jf.prune(method={prune_method!r}, granularity='block')`; times are medians under `torch.no_grad()`.",
+        "",
+        f"Command: `{command}`",
+        "",
+        "`dense`: the masked dense CNF (eager torchdiffeq FFJORD). `compiled`: the same with the field's "
+        "forward/jvp under `torch.compile`. `sparse`: `jf.sparsify(model)` (one fused C++ call per field "
+        "evaluation). Speed-ups are against `dense` / `compiled` in the same run; `max|Δ|` is the largest "
+        "difference from the dense output (log-density in nats, or sample coordinates).",
+        "",
+        "| data | field | trace | sparsity (density) | op | n | NFE | dense ms | compiled ms | sparse ms "
+        "| sparse /s | × dense | × compiled | max\\|Δ\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    keys = []
+    for r in rows:
+        k = (r["dataset"], r["sparsity"], r["op"])
+        if k not in keys:
+            keys.append(k)
+    for k in keys:
+        by = {r["provider"]: r for r in rows if (r["dataset"], r["sparsity"], r["op"]) == k}
+        any_r = next(iter(by.values()))
+        d, c, s = by.get("dense"), by.get("compiled"), by.get("sparse")
+
+        def ms(r):
+            return f"{r['seconds'] * 1e3:.1f}" if r else "–"
+
+        def ratio(a, b):
+            return f"{a['seconds'] / b['seconds']:.1f}×" if a and b else "–"
+
+        hidden = "x".join(str(h) for h in any_r["hidden"])
+        lines.append(
+            f"| {k[0]} | {hidden}, {any_r['block'][0]}×{any_r['block'][1]} blocks | {any_r['trace']} | "
+            f"{k[1]:.0%} ({any_r['density']:.3f}) | {k[2]} | {any_r['n']} | {any_r['nfe']} | {ms(d)} | {ms(c)} | "
+            f"{ms(s)} | {s['throughput']:.0f} | {ratio(d, s)} | {ratio(c, s)} | "
+            f"{s['max_abs_diff']:.1e} |" if s else f"| {k[0]} | | | {k[1]} | {k[2]} | | | {ms(d)} | {ms(c)} | – | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the "End to end" section of ``path``; the rest of the file is untouched."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+
+
+def _floats(s: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+    if not all(0.0 <= v < 1.0 for v in vals):
+        raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {s!r}")
+    return vals
+
+
+def _names(choices):
+    def parse(s: str) -> tuple[str, ...]:
+        vals = tuple(v.strip() for v in s.split(",") if v.strip())
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {s!r}")
+        return vals
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", nargs="?", default="e2e", choices=["e2e"],
+                        help="which benchmark (e2e: dense vs compiled vs sparsified CNF, sample and log_prob)")
+    parser.add_argument("--datasets", type=_names(tuple(SETUPS)), default=tuple(SETUPS),
+                        help="comma-separated: digits (64-d, 512x3, Hutchinson), toy (2-d, 64x3, exact trace)")
+    parser.add_argument("--sparsities", type=_floats, default=(0.8, 0.9, 0.95), help="block sparsities (default 0.8,0.9,0.95)")
+    parser.add_argument("--providers", type=_names(PROVIDERS), default=PROVIDERS,
+                        help="comma-separated subset of dense,compiled,sparse")
+    parser.add_argument("--n", type=int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
+    parser.add_argument("--prune", default="jsp", help="jf.prune method for the block masks (default jsp)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--results", default="bench/RESULTS.md", help="markdown file to update")
+    parser.add_argument("--no-write", action="store_true", help="print the table instead of writing it")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1 or (args.n is not None and args.n < 1):
+        print("error: --repeats and --n must be positive", file=sys.stderr)
+        return 2
+    from . import prune as _prune
+
+    if args.prune not in _prune.METHODS:
+        print(f"error: unknown --prune {args.prune!r}; expected one of {_prune.METHODS}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_e2e(args.datasets, args.sparsities, args.providers, args.repeats, args.n, args.solver, args.tol,
+                   args.prune, args.seed, args.quiet)
+    command = getattr(args, "command_line", None) or "jsp-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    md = format_markdown(rows, command, args.solver, args.tol, args.prune)
+    if args.no_write:
+        print(md)
+    else:
+        write_section(Path(args.results), md)
+        print(md)
+        print(f"wrote the '{SECTION[3:]}' section of {args.results}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jsp_fast._bench_cli", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.command_line = "python -m jsp_fast._bench_cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
