@@ -242,7 +242,9 @@ def run(args) -> int:
     out = Path(args.out or f"compare-{args.dataset}")
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    prog = Path(sys.argv[0]).name
+    prog = "python -m jsp_fast._compare" if prog == "_compare.py" else shlex.quote(prog)
+    command = " ".join([prog, *map(shlex.quote, sys.argv[1:])])
     meta_path = out / "command.txt"
     if command and not args.report_only:
         meta_path.write_text(command + "\n")

@@ -89,10 +89,12 @@ def test_grasp_hessian_product_and_snip_match_finite_differences():
 CASES = [(m, g, s) for m in jf.prune.METHODS for g in ("unstructured", "block") for s in ("global", "layer")]
 
 
-@pytest.mark.parametrize("method,granularity,scope", CASES)
-@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.93])
+@pytest.mark.parametrize("method,granularity,scope,sparsity",
+                         [(*c, 0.9) for c in CASES]
+                         + [(m, g, s, sp) for m in ("random", "magnitude") for g in ("unstructured", "block")
+                            for s in ("global", "layer") for sp in (0.0, 0.37, 0.8, 0.93)])
 def test_exact_sparsity_and_masks_applied(method, granularity, scope, sparsity):
-    model, x = _model(), _data()
+    model, x = _model(), _data(32)
     result = jf.prune(model, method, sparsity, x, granularity=granularity, block=(8, 8), scope=scope,
                       synflow_rounds=5)
     total = sum(p.numel() for p in model.prunable_parameters().values())
@@ -128,6 +130,7 @@ def test_dense_fallback_and_layer_scope_density():
 
 def test_abs_scores_option():
     model, x = _model(), _data()
+    x = x[:16]
     r = jf.prune(copy.deepcopy(model), "jsp", 0.9, x, abs_scores=True)
     signed = jf.prune(copy.deepcopy(model), "jsp", 0.9, x)
     for name in r.scores:

@@ -108,8 +108,9 @@ def _batches(model: nn.Module, data, n_batches: int, batch_size: int | None, see
 def _scoring_mode(model: nn.Module, seed: int):
     """Seeded RNG (Hutchinson noise) restored afterwards; adjoint off (GraSP needs double backward)."""
     adjoint = getattr(model, "adjoint", False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
+    device = next(iter(model.prunable_parameters().values())).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))  # seeds the CUDA generators too
         try:
             if adjoint:
                 model.adjoint = False
