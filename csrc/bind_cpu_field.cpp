@@ -3,6 +3,7 @@
 // before a pointer reaches the kernel.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <string>
 
@@ -69,9 +70,10 @@ void bind_plan(py::module_& m, const char* name) {
       .def_property_readonly("dim_in", &Plan::dim_in)
       .def_property_readonly("dim_out", &Plan::dim_out)
       .def("density", &Plan::density)
+      .def("layer_kinds", &Plan::layer_kinds)
       .def(
           "add_layer",
-          [](Plan& self, py::handle w, py::handle needed, py::handle gate_w, py::handle gate_b,
+          [](Plan& self, py::handle w, py::handle mask, py::handle gate_w, py::handle gate_b,
              py::handle shift_w, py::handle bias, int act) {
             if (act < 0 || act > 5) fail("act must be in 0..5");
             if (!py::isinstance<py::array>(w) || py::reinterpret_borrow<py::array>(w).ndim() != 2)
@@ -82,15 +84,18 @@ void bind_plan(py::module_& m, const char* name) {
             if (self.num_layers() > 0 && self.dim_out() != k)
               fail("w has " + std::to_string(k) + " inputs but the previous layer has " +
                    std::to_string(self.dim_out()) + " outputs");
-            const int64_t npanels = (n + Plan::kPanel - 1) / Plan::kPanel;
             auto wc = checked<T>(w, {n, k}, "w", false);
-            auto nc = checked<uint8_t>(needed, {npanels, k}, "needed", false);
-            self.add_layer(n, k, Act(act), static_cast<const T*>(wc.data()),
-                           static_cast<const uint8_t*>(nc.data()), vec_ptr<T>(gate_w, n, "gate_w"),
+            const uint8_t* mp = nullptr;
+            py::array mc;
+            if (!mask.is_none()) {
+              mc = checked<uint8_t>(mask, {n, k}, "mask", false);
+              mp = static_cast<const uint8_t*>(mc.data());
+            }
+            self.add_layer(n, k, Act(act), static_cast<const T*>(wc.data()), mp, vec_ptr<T>(gate_w, n, "gate_w"),
                            vec_ptr<T>(gate_b, n, "gate_b"), vec_ptr<T>(shift_w, n, "shift_w"),
                            vec_ptr<T>(bias, n, "bias", true));
           },
-          py::arg("w"), py::arg("needed"), py::arg("gate_w"), py::arg("gate_b"), py::arg("shift_w"),
+          py::arg("w"), py::arg("mask"), py::arg("gate_w"), py::arg("gate_b"), py::arg("shift_w"),
           py::arg("bias"), py::arg("act"))
       .def(
           "eval",

@@ -210,7 +210,8 @@ def test_fused_binding_checks_arguments():
     with pytest.raises(ValueError, match="inputs but the previous layer"):
         p = _C.FieldPlanF32()
         one = torch.ones(24)
-        p.add_layer(torch.randn(24, 16).numpy(), torch.ones(1, 16, dtype=torch.uint8).numpy(),
-                    one.numpy(), one.numpy(), one.numpy(), None, 1)
-        p.add_layer(torch.randn(16, 23).numpy(), torch.ones(1, 23, dtype=torch.uint8).numpy(),
-                    one[:16].numpy(), one[:16].numpy(), one[:16].numpy(), None, 0)
+        p.add_layer(torch.randn(24, 16).numpy(), None, one.numpy(), one.numpy(), one.numpy(), None, 1)
+        p.add_layer(torch.randn(16, 23).numpy(), None, one[:16].numpy(), one[:16].numpy(), one[:16].numpy(), None, 0)
+    with pytest.raises(ValueError, match="mask"):
+        _C.FieldPlanF32().add_layer(torch.randn(24, 16).numpy(), torch.ones(24, 15, dtype=torch.uint8).numpy(),
+                                    one.numpy(), one.numpy(), one.numpy(), None, 1)

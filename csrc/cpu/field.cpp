@@ -6,6 +6,7 @@
 #include <cstring>
 #include <new>
 #include <stdexcept>
+#include <utility>
 
 #ifdef JSP_FAST_OPENMP
 #include <omp.h>
@@ -27,123 +28,14 @@ void AlignedBuf<T>::resize(int64_t n) {
 
 namespace {
 
-// ---- activations ---------------------------------------------------------------------------------
-// act(pre) and act'(pre) on one vector. float: vectorised (rational tanh, polynomial exp); double and
-// softplus: element by element with <cmath> (exactness over speed there).
-
-template <typename T>
-inline void act_scalar(Act a, T p, T& y, T& d) {
-  switch (a) {
-    case Act::Tanh: y = std::tanh(p); d = T(1) - y * y; break;
-    case Act::Sigmoid: y = T(1) / (T(1) + std::exp(-p)); d = y * (T(1) - y); break;
-    case Act::Softplus: {
-      y = std::max(p, T(0)) + std::log1p(std::exp(-std::fabs(p)));
-      d = T(1) / (T(1) + std::exp(-p));
-      break;
-    }
-    case Act::Elu: y = p > 0 ? p : std::expm1(p); d = p > 0 ? T(1) : y + T(1); break;
-    case Act::Relu: y = p > 0 ? p : T(0); d = p > 0 ? T(1) : T(0); break;
-    default: y = p; d = T(1); break;
-  }
-}
-
-using vf = Simd<float>::vec;
-using vi = int __attribute__((vector_size(kVecBytes)));
-
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-
-// tanh: odd rational minimax approximation on [-7.9, 7.9] (the one Eigen uses for float), a few ulp.
-inline vf vtanh(vf x) {
-  const vf c = vf{} + 7.90531110763549805f;
-  x = vmin(vmax(x, -c), c);
-  const vf x2 = x * x;
-  vf p = vf{} - 2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 - 8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  p = p * x;
-  vf q = vf{} + 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return p / q;
-}
-
-// exp: Cephes range reduction x = n ln2 + r, degree-6 polynomial, 2^n through the exponent bits.
-inline vf vexp(vf x) {
-  x = vmin(vmax(x, vf{} - 87.3f), vf{} + 88.3f);
-  vf fx = x * 1.44269504088896341f + 0.5f;
-  vi n = __builtin_convertvector(fx, vi);
-  vf nf = __builtin_convertvector(n, vf);
-  const vi adj = nf > fx ? vi{} + 1 : vi{};  // truncation -> floor
-  n -= adj;
-  nf = __builtin_convertvector(n, vf);
-  x = x - nf * 0.693359375f;
-  x = x + nf * 2.12194440e-4f;
-  vf y = vf{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  vi e = (n + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return y * scale;
-}
-
-template <typename T>
-struct VecAct {
-  using vec = typename Simd<T>::vec;
-  static inline void apply(Act a, vec pre, vec& y, vec& d) {
-    for (int i = 0; i < Simd<T>::L; ++i) {
-      T yy, dd;
-      act_scalar<T>(a, pre[i], yy, dd);
-      y[i] = yy;
-      d[i] = dd;
-    }
-  }
-};
-
-template <>
-struct VecAct<float> {
-  static inline void apply(Act a, vf pre, vf& y, vf& d) {
-    switch (a) {
-      case Act::None: y = pre; d = vf{} + 1.0f; return;
-      case Act::Tanh: y = vtanh(pre); d = 1.0f - y * y; return;
-      case Act::Sigmoid: y = 0.5f * vtanh(0.5f * pre) + 0.5f; d = y * (1.0f - y); return;
-      case Act::Relu: y = pre > 0.0f ? pre : vf{}; d = pre > 0.0f ? vf{} + 1.0f : vf{}; return;
-      case Act::Elu: {
-        const vf em1 = vexp(vmin(pre, vf{})) - 1.0f;
-        y = pre > 0.0f ? pre : em1;
-        d = pre > 0.0f ? vf{} + 1.0f : em1 + 1.0f;
-        return;
-      }
-      default: {
-        for (int i = 0; i < Simd<float>::L; ++i) {
-          float yy, dd;
-          act_scalar<float>(a, pre[i], yy, dd);
-          y[i] = yy;
-          d[i] = dd;
-        }
-      }
-    }
-  }
-};
-
 // ---- the micro-kernel ----------------------------------------------------------------------------
 // acc[R][PV] = x[R rows, needed columns of panel] · W_panel, broadcast-FMA over each segment's k.
-template <typename T>
+template <typename T, int PV>
 inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
-                  typename Simd<T>::vec (&acc)[Simd<T>::R][Simd<T>::PV]) {
+                  typename Simd<T>::vec (&acc)[Simd<T>::R][PV]) {
   using S = Simd<T>;
   using vec = typename S::vec;
-  constexpr int R = S::R, PV = S::PV, L = S::L, P = S::P;
+  constexpr int R = S::R, L = S::L, P = PV * L;
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -156,7 +48,7 @@ inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
     for (int64_t kk = 0; kk < len; ++kk) {
       vec w[PV];
 #pragma GCC unroll 4
-      for (int j = 0; j < PV; ++j) w[j] = *reinterpret_cast<const vec*>(ws + kk * P + j * L);
+      for (int j = 0; j < PV; ++j) w[j] = simd::load<T>(ws + kk * P + j * L);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const T xv = xs[r * ldx + kk];
@@ -169,12 +61,12 @@ inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
 
 // One layer over a tile: `in` holds G = 1 + ntan groups of TB rows (values first), `out` the same.
 // dbuf [TB, n_pad] keeps act'(pre) ⊙ scale of the value rows for the tangent rows.
-template <typename T>
+template <typename T, int PV>
 void run_layer(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in,
                T* out, T* dbuf, int64_t TB, int64_t G) {
   using S = Simd<T>;
   using vec = typename S::vec;
-  constexpr int R = S::R, PV = S::PV, L = S::L, P = S::P;
+  constexpr int R = S::R, L = S::L, P = PV * L;
   const int64_t ld = lay.n_pad;
   const int64_t rows = G * TB;
   const int64_t npanels = lay.n_pad / P;
@@ -183,22 +75,21 @@ void run_layer(const Layer<T>& lay, const T* scale, const T* shift, const T* in,
     const int64_t c0 = p * P;
     vec sc[PV], sh[PV];
     for (int j = 0; j < PV; ++j) {
-      sc[j] = *reinterpret_cast<const vec*>(scale + c0 + j * L);
-      sh[j] = *reinterpret_cast<const vec*>(shift + c0 + j * L);
+      sc[j] = simd::load<T>(scale + c0 + j * L);
+      sh[j] = simd::load<T>(shift + c0 + j * L);
     }
     for (int64_t g0 = 0; g0 < rows; g0 += R) {
       vec acc[R][PV];
-      micro<T>(in + g0 * ld_in, ld_in, lay, p, acc);
+      micro<T, PV>(in + g0 * ld_in, ld_in, lay, p, acc);
       if (g0 < TB) {
         for (int r = 0; r < R; ++r) {
           T* o = out + (g0 + r) * ld + c0;
           T* dd = dbuf + (g0 + r) * ld + c0;
           for (int j = 0; j < PV; ++j) {
             const vec pre = acc[r][j] * sc[j] + sh[j];
-            vec y, d;
-            VecAct<T>::apply(lay.act, pre, y, d);
-            *reinterpret_cast<vec*>(o + j * L) = y;
-            if (need_d) *reinterpret_cast<vec*>(dd + j * L) = d * sc[j];
+            vec d;
+            simd::store<T>(o + j * L, simd::VecAct<T>::yd(lay.act, pre, d));
+            if (need_d) simd::store<T>(dd + j * L, d * sc[j]);
           }
         }
       } else {
@@ -206,20 +97,84 @@ void run_layer(const Layer<T>& lay, const T* scale, const T* shift, const T* in,
         for (int r = 0; r < R; ++r) {
           T* o = out + (g0 + r) * ld + c0;
           const T* dd = dbuf + (rv + r) * ld + c0;
-          for (int j = 0; j < PV; ++j)
-            *reinterpret_cast<vec*>(o + j * L) = acc[r][j] * *reinterpret_cast<const vec*>(dd + j * L);
+          for (int j = 0; j < PV; ++j) simd::store<T>(o + j * L, acc[r][j] * simd::load<T>(dd + j * L));
         }
       }
     }
   }
 }
 
+// A layer with few outputs (n < L): one dot product per output and row, vectorised over k.
+template <typename T>
+void run_narrow(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in,
+                T* out, T* dbuf, int64_t TB, int64_t G) {
+  using vec = typename Simd<T>::vec;
+  constexpr int L = Simd<T>::L;
+  const int64_t n = lay.n, k = lay.k, kv = k / L * L, ld = lay.n_pad, rows = G * TB;
+  const T* w = lay.w.data();
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* x = in + row * ld_in;
+    T* o = out + row * ld;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* wj = w + j * k;
+      vec acc0{}, acc1{};
+      int64_t kk = 0;
+      for (; kk + 2 * L <= kv; kk += 2 * L) {
+        acc0 += simd::load<T>(x + kk) * simd::load<T>(wj + kk);
+        acc1 += simd::load<T>(x + kk + L) * simd::load<T>(wj + kk + L);
+      }
+      for (; kk < kv; kk += L) acc0 += simd::load<T>(x + kk) * simd::load<T>(wj + kk);
+      acc0 += acc1;
+      T s = 0;
+      for (int i = 0; i < L; ++i) s += acc0[i];
+      for (; kk < k; ++kk) s += x[kk] * wj[kk];
+      if (row < TB) {
+        const T pre = s * scale[j] + shift[j];
+        const T y = simd::act_scalar<T>(lay.act, pre);
+        o[j] = y;
+        if (G > 1) dbuf[row * ld + j] = simd::dact_scalar<T>(lay.act, pre, y) * scale[j];
+      } else {
+        o[j] = s * dbuf[((row - TB) % TB) * ld + j];
+      }
+    }
+  }
+}
+
+template <typename T>
+void run_any(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in, T* out,
+             T* dbuf, int64_t TB, int64_t G) {
+  if (lay.narrow) return run_narrow<T>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+  if (lay.pv == 1) return run_layer<T, 1>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+  return run_layer<T, 2>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+}
+
+// Columns of a panel of outputs [r0, r1) that keep some weight, as runs (k0, len).
+std::vector<std::pair<int64_t, int64_t>> runs(const uint8_t* mask, int64_t n, int64_t k, int64_t r0,
+                                              int64_t r1) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  int64_t c = 0;
+  auto need = [&](int64_t col) {
+    if (!mask) return true;
+    for (int64_t r = r0; r < std::min(r1, n); ++r)
+      if (mask[r * k + col]) return true;
+    return false;
+  };
+  while (c < k) {
+    while (c < k && !need(c)) ++c;
+    if (c == k) break;
+    const int64_t c0 = c;
+    while (c < k && need(c)) ++c;
+    out.emplace_back(c0, c - c0);
+  }
+  return out;
+}
+
 }  // namespace
 
 template <typename T>
-void FieldPlan<T>::add_layer(int64_t n, int64_t k, Act act, const T* w, const uint8_t* needed,
-                             const T* gate_w, const T* gate_b, const T* shift_w, const T* bias) {
-  constexpr int P = Simd<T>::P;
+void FieldPlan<T>::add_layer(int64_t n, int64_t k, Act act, const T* w, const uint8_t* mask, const T* gate_w,
+                             const T* gate_b, const T* shift_w, const T* bias) {
+  constexpr int L = Simd<T>::L;
   if (n <= 0 || k <= 0) throw std::invalid_argument("layer sizes must be positive");
   if (!layers_.empty() && layers_.back().n != k)
     throw std::invalid_argument("layer input width does not match the previous layer's output width");
@@ -227,35 +182,49 @@ void FieldPlan<T>::add_layer(int64_t n, int64_t k, Act act, const T* w, const ui
   lay.n = n;
   lay.k = k;
   lay.act = act;
-  lay.n_pad = (n + P - 1) / P * P;
-  const int64_t npanels = lay.n_pad / P;
-  lay.panel_seg.assign(1, 0);
-  int64_t off = 0;
-  for (int64_t p = 0; p < npanels; ++p) {
-    const uint8_t* need = needed + p * k;
-    int64_t c = 0;
-    while (c < k) {
-      while (c < k && !need[c]) ++c;
-      if (c == k) break;
-      const int64_t c0 = c;
-      while (c < k && need[c]) ++c;
-      lay.seg_k0.push_back(c0);
-      lay.seg_len.push_back(c - c0);
-      lay.seg_off.push_back(off);
-      off += (c - c0) * P;
-      lay.kept_cols += c - c0;
+  lay.narrow = 2 * n <= L;
+  if (lay.narrow) {
+    lay.pv = 1;
+    lay.n_pad = (n + L - 1) / L * L;
+    lay.w.resize(n * k);
+    std::memcpy(lay.w.data(), w, size_t(n * k) * sizeof(T));
+    lay.kept_cols = k;  // per output (density() counts n·k)
+    lay.panel_seg.assign(1, 0);
+  } else {
+    // Panel width: the one with the least padded work; one-vector panels read the activations
+    // twice as often per FMA, so they must save more than ~15% to win.
+    int64_t work[3] = {0, 0, 0};
+    for (int pv = 1; pv <= 2; ++pv) {
+      const int64_t P = pv * L;
+      for (int64_t r0 = 0; r0 < n; r0 += P)
+        for (auto& rl : runs(mask, n, k, r0, r0 + P)) work[pv] += rl.second * P;
     }
-    lay.panel_seg.push_back(int64_t(lay.seg_k0.size()));
-  }
-  lay.w.resize(off);
-  for (int64_t p = 0; p < npanels; ++p) {
-    for (int64_t s = lay.panel_seg[p]; s < lay.panel_seg[p + 1]; ++s) {
-      T* dst = lay.w.data() + lay.seg_off[s];
-      for (int64_t kk = 0; kk < lay.seg_len[s]; ++kk)
-        for (int o = 0; o < P; ++o) {
-          const int64_t row = p * P + o;
-          dst[kk * P + o] = row < n ? w[row * k + lay.seg_k0[s] + kk] : T(0);
-        }
+    lay.pv = (double(work[1]) * 1.15 < double(work[2])) ? 1 : 2;
+    const int64_t P = lay.pv * L;
+    lay.n_pad = (n + P - 1) / P * P;
+    lay.panel_seg.assign(1, 0);
+    int64_t off = 0;
+    for (int64_t r0 = 0; r0 < lay.n_pad; r0 += P) {
+      for (auto& rl : runs(mask, n, k, r0, r0 + P)) {
+        lay.seg_k0.push_back(rl.first);
+        lay.seg_len.push_back(rl.second);
+        lay.seg_off.push_back(off);
+        off += rl.second * P;
+        lay.kept_cols += rl.second;
+      }
+      lay.panel_seg.push_back(int64_t(lay.seg_k0.size()));
+    }
+    lay.w.resize(off);
+    const int64_t npanels = lay.n_pad / P;
+    for (int64_t p = 0; p < npanels; ++p) {
+      for (int64_t s = lay.panel_seg[p]; s < lay.panel_seg[p + 1]; ++s) {
+        T* dst = lay.w.data() + lay.seg_off[s];
+        for (int64_t kk = 0; kk < lay.seg_len[s]; ++kk)
+          for (int64_t o = 0; o < P; ++o) {
+            const int64_t row = p * P + o;
+            dst[kk * P + o] = row < n ? w[row * k + lay.seg_k0[s] + kk] : T(0);
+          }
+      }
     }
   }
   auto pad = [&](AlignedBuf<T>& dst, const T* src) {
@@ -274,10 +243,18 @@ template <typename T>
 double FieldPlan<T>::density() const {
   double kept = 0, dense = 0;
   for (const auto& l : layers_) {
-    kept += double(l.kept_cols) * Simd<T>::P;
+    kept += l.narrow ? double(l.n) * double(l.k) : double(l.kept_cols) * l.pv * Simd<T>::L;
     dense += double(l.n) * double(l.k);
   }
   return dense > 0 ? kept / dense : 0.0;
+}
+
+template <typename T>
+std::vector<std::string> FieldPlan<T>::layer_kinds() const {
+  std::vector<std::string> out;
+  for (const auto& l : layers_)
+    out.push_back(l.narrow ? std::string("narrow") : "panel" + std::to_string(l.pv * Simd<T>::L));
+  return out;
 }
 
 template <typename T>
@@ -351,7 +328,7 @@ void FieldPlan<T>::eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T*
       T* cur = a.data();
       T* nxt = b.data();
       for (int64_t l = 0; l < nl; ++l) {
-        run_layer<T>(layers_[l], scale[l].data(), shift[l].data(), cur, ld_in, nxt, d.data(), TB, G);
+        run_any<T>(layers_[l], scale[l].data(), shift[l].data(), cur, ld_in, nxt, d.data(), TB, G);
         ld_in = layers_[l].n_pad;
         std::swap(cur, nxt);
       }

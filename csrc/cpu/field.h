@@ -13,37 +13,39 @@
 // stacked into one (1+T)·TB-row matrix, so each packed weight panel is read once per tile for all of
 // them; activations stay in two per-thread ping-pong buffers sized for L2.
 //
-// Packing: a layer's outputs are cut into panels of kPanel outputs (the micro-kernel's width). For
-// each panel the needed input columns (the union of its kept blocks) form runs ("segments"); each
-// segment's weights are stored k-major, [len][kPanel], zero-padded past the last output.
+// Packing: a layer's outputs are cut into panels of P = pv·L outputs (pv = 1 or 2 vectors, chosen
+// per layer for the least padded work: 8×8 or 16×16 blocks waste less in narrower panels). For each
+// panel the needed input columns (the union of the kept weights of its outputs) form runs
+// ("segments"); each segment's weights are stored k-major, [len][P], zero-padded past the last
+// output. Layers with very few outputs (a 2-d field's last layer) are "narrow": dense rows [n][k]
+// and one dot product per output, instead of a panel that would be mostly padding.
+//
+// Vector types and activations come from cpu/simd.h (shared with the block-sparse kernels). The
+// micro-kernel reads the activations in place (R strided rows, broadcast-FMA) rather than packing
+// them [k][R] as bsr::micro_accumulate wants: here every layer's input is the previous layer's
+// output, and a packing pass would cost ~L / kept-columns of the product at 90% sparsity.
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
+
+#include "cpu/simd.h"
 
 namespace jsp_fast {
 namespace cpu {
 namespace field {
 
-enum class Act : int { None = 0, Tanh = 1, Softplus = 2, Elu = 3, Relu = 4, Sigmoid = 5 };
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-#elif defined(__AVX2__) || defined(__AVX__)
-constexpr int kVecBytes = 32;
-#else
-constexpr int kVecBytes = 16;
-#endif
+using simd::Act;
 
 template <typename T>
 struct Simd {
-  typedef T vec __attribute__((vector_size(kVecBytes)));
-  static constexpr int L = kVecBytes / int(sizeof(T));  // lanes
-  static constexpr int PV = 2;                            // vectors per panel
-  static constexpr int P = PV * L;                        // panel width (outputs)
-  static constexpr int R = kVecBytes == 64 ? 12 : (kVecBytes == 32 ? 6 : 4);  // rows per micro-tile
+  using vec = typename simd::Vec<T>::type;
+  static constexpr int L = simd::Vec<T>::L;  // lanes
+  static constexpr int P = 2 * L;            // widest panel (outputs)
+  static constexpr int R = simd::kVecBytes == 64 ? 12 : (simd::kVecBytes == 32 ? 6 : 4);  // rows per micro-tile
 };
 
 struct FreeDeleter {
@@ -62,6 +64,8 @@ struct AlignedBuf {
 template <typename T>
 struct Layer {
   int64_t n = 0, k = 0, n_pad = 0;  // outputs, inputs, outputs rounded up to the panel width
+  int pv = 2;                       // vectors per panel (P = pv * L)
+  bool narrow = false;              // few outputs: w holds dense rows [n][k]
   Act act = Act::None;
   std::vector<int64_t> panel_seg;                // [n_panels + 1] offsets into the segment arrays
   std::vector<int64_t> seg_k0, seg_len, seg_off;  // per segment: first column, length, offset in w
@@ -76,9 +80,9 @@ class FieldPlan {
   static constexpr int kPanel = Simd<T>::P;
   static constexpr int kRows = Simd<T>::R;
 
-  // w: [n, k] row-major dense weight (zeros where pruned); needed: [ceil(n / kPanel), k] bytes, 1 where
-  // the panel needs that input column. gate_w, gate_b, shift_w: [n]; bias: [n] or null.
-  void add_layer(int64_t n, int64_t k, Act act, const T* w, const uint8_t* needed, const T* gate_w,
+  // w: [n, k] row-major dense weight (zeros where pruned); mask: [n, k] bytes (1 = kept) or null for
+  // a dense layer. gate_w, gate_b, shift_w: [n]; bias: [n] or null.
+  void add_layer(int64_t n, int64_t k, Act act, const T* w, const uint8_t* mask, const T* gate_w,
                  const T* gate_b, const T* shift_w, const T* bias);
 
   // z: [B, dim]; v: [ntan, B, dim] (ignored when ntan == 0); f: [B, dim]; jv: [ntan, B, dim].
@@ -90,6 +94,8 @@ class FieldPlan {
   int64_t num_layers() const { return int64_t(layers_.size()); }
   // Fraction of the dense multiply-adds the packed plan performs (kept columns × padded outputs).
   double density() const;
+  // Per layer: "panel<P>" or "narrow".
+  std::vector<std::string> layer_kinds() const;
   // Batch rows per tile for ntan tangents (multiple of kRows).
   int64_t tile_rows(int64_t B, int64_t ntan, int num_threads) const;
 

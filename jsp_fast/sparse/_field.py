@@ -233,18 +233,6 @@ def fused_available() -> bool:
     return _C is not None and hasattr(_C, "FieldPlanF32")
 
 
-def needed_columns(mask: torch.Tensor | None, n: int, k: int, panel: int) -> torch.Tensor:
-    """uint8 ``[ceil(n / panel), k]``: 1 where some output of the panel keeps a weight in that column."""
-    npanels = -(-n // panel)
-    if mask is None:
-        return torch.ones(npanels, k, dtype=torch.uint8)
-    m = mask.detach().to("cpu", torch.bool)
-    pad = npanels * panel - n
-    if pad:
-        m = torch.cat([m, m.new_zeros(pad, k)])
-    return m.reshape(npanels, panel, k).any(dim=1).to(torch.uint8).contiguous()
-
-
 def _np(x: torch.Tensor, dtype: torch.dtype):
     return x.detach().to("cpu", dtype).reshape(x.shape).contiguous().numpy()
 
@@ -256,8 +244,8 @@ def build_plan(layers: Sequence[nn.Module], activation: str, dtype: torch.dtype)
     last = len(layers) - 1
     for i, layer in enumerate(layers):
         w, mask, gate_w, gate_b, shift_w, bias = layer.fused_spec()
-        n, k = w.shape
-        plan.add_layer(_np(w, dtype), needed_columns(mask, n, k, cls.panel).numpy(),
+        m = None if mask is None else mask.detach().to("cpu", torch.uint8).contiguous().numpy()
+        plan.add_layer(_np(w, dtype), m,
                        _np(gate_w.reshape(-1), dtype), _np(gate_b.reshape(-1), dtype),
                        _np(shift_w.reshape(-1), dtype), None if bias is None else _np(bias, dtype),
                        ACT_CODES[activation if i < last else "none"])
