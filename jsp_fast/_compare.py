@@ -166,6 +166,15 @@ def _evaluate(model, x: torch.Tensor, tol: float, bits_per_dim=None) -> dict:
         model.rtol, model.atol = rtol, atol
 
 
+SETTINGS = ("dataset", "hidden", "activation", "trace", "solver", "tol", "eval_tol", "steps", "batch_size", "lr",
+            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root")
+
+
+def _settings(args) -> dict:
+    """The options that change a run's result; a stored run is reused only when they all match."""
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
 def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     """Build, prune (unless a reference), train and evaluate one model; returns the JSON record."""
     import jsp_fast as jf
@@ -177,6 +186,7 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     model = jf.CNF(dim, hidden=hidden, activation=args.activation, trace=trace, solver=args.solver,
                    rtol=args.tol, atol=args.tol)
     record = {"dataset": args.dataset, "method": method, "sparsity": sparsity, "seed": seed,
+              "settings": _settings(args),
               "config": {"hidden": list(hidden), "trace": trace, "solver": args.solver, "tol": args.tol,
                          "eval_tol": args.eval_tol, "steps": args.steps, "batch_size": args.batch_size,
                          "lr": args.lr, "granularity": args.granularity, "block": args.block, "scope": args.scope,
@@ -255,7 +265,19 @@ def run(args) -> int:
         return 2
     failed = []
     if not args.report_only:
-        todo = [p for p in plan if not (runs / f"{_run_name(*p)}.json").exists()]
+        todo, mine = [], _settings(args)
+        for p in plan:
+            path = runs / f"{_run_name(*p)}.json"
+            if not path.exists():
+                todo.append(p)
+                continue
+            theirs = json.loads(path.read_text()).get("settings", {})
+            diff = sorted(k for k in mine if k in theirs and theirs[k] != mine[k])
+            if diff:
+                print(f"error: {path} was run with different settings "
+                      f"({', '.join(f'{k}={theirs[k]!r} now {mine[k]!r}' for k in diff)}); use another --out "
+                      f"or delete the stale runs", file=sys.stderr)
+                return 2
         if len(todo) < len(plan):
             print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
         bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run")

@@ -55,6 +55,13 @@ def test_compare_runs_resumes_and_reports(tmp_path, monkeypatch, capsys):
     assert (out / "runs" / "jsp_0.8_s1.json").stat().st_mtime_ns == mtime
 
 
+def test_compare_refuses_to_mix_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_compare, "_dataset", _fake_dataset)
+    assert _compare.run(_args(tmp_path, "--seeds", "0", "--methods", "random")) == 0
+    assert _compare.run(_args(tmp_path, "--seeds", "0", "--methods", "random", "--steps", "1")) == 2
+    assert "steps=2 now 1" in capsys.readouterr().err
+
+
 def test_compare_rejects_bad_methods(tmp_path, monkeypatch):
     monkeypatch.setattr(_compare, "_dataset", _fake_dataset)
     assert _compare.run(_args(tmp_path, "--methods", "jsp,l1")) == 2
