@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 #include <set>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -131,6 +132,7 @@ py::dict fused_mlp_plan(int64_t batch, int64_t ntan, int64_t max_width) {
   p.batch = batch;
   p.ntan = int(ntan);
   const cuda::fused::TilePlan pl = cuda::fused::device_plan(p);
+  if (pl.threads == 0) throw std::runtime_error("no usable CUDA device (cudaGetDevice failed)");
   py::dict d;
   d["tb"] = pl.tb;
   d["tc"] = pl.tc;

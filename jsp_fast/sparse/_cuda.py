@@ -1,0 +1,298 @@
+"""Launcher for the fused CUDA MLP (``csrc/cuda/fused_mlp.cu``): a whole block-sparse concatsquash field,
+value and tangents, in one kernel launch per evaluation.
+
+Per layer ``y = act(scale ⊙ (x Wᵀ) + shift)`` and ``y_v = act'(pre) ⊙ scale ⊙ (x_v Wᵀ)`` for every
+tangent ``v``, with ``W`` block-sparse (BSR: ``values [nnzb, bm, bk]``, ``row_ptr [n/bm + 1]``,
+``col_idx [nnzb]``, int32) and, for concatsquash layers, ``scale = sigmoid(gate_w t + gate_b)``,
+``shift = bias ⊙ scale + shift_w t`` computed in the kernel from ``t`` (a float, or a CUDA scalar tensor:
+no host synchronisation). Widths up to 512, float32, inference only (no autograd: training uses the
+per-layer ops).
+
+    layers = field_layers(sparse_odenet)                  # or [FusedLayer(...), ...]
+    f, jv = fused_mlp(z, layers, v, t=t)                  # z [B, D], v [T, B, D]
+    f, jv = fused_field(sparse_odenet, t, z, v)           # the same, layers cached per network
+
+Everything here raises a clear error when ``jsp_fast._C`` was built without CUDA
+(``jsp_fast._C.build_info()["cuda"]`` is False): rebuild with ``JSP_FAST_CUDA=ON``.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Sequence
+
+import torch
+
+from .._ext import IMPORT_ERROR, _C
+
+ACT_CODES = {"none": 0, "tanh": 1, "softplus": 2, "elu": 3, "relu": 4, "sigmoid": 5}
+MAX_WIDTH = 512
+MAX_LAYERS = 16
+_BLOCK_CHOICES = (32, 16, 8, 4)
+_VECTORS = ("scale", "bias", "gate_w", "gate_b", "shift_w")
+
+
+# ---- build checks --------------------------------------------------------------------------------
+def built_with_cuda() -> bool:
+    """True when jsp_fast._C was compiled with the CUDA kernels."""
+    return _C is not None and bool(_C.build_info().get("cuda", False)) and hasattr(_C, "cuda_fused_mlp")
+
+
+def available() -> bool:
+    """True when the fused CUDA MLP can run here (CUDA build and a CUDA device)."""
+    return built_with_cuda() and torch.cuda.is_available()
+
+
+def require_cuda_build():
+    """Return jsp_fast._C, or raise RuntimeError saying why the CUDA kernels are missing."""
+    if _C is None:
+        raise RuntimeError(f"jsp_fast._C (the compiled kernels) is not available: {IMPORT_ERROR}. "
+                           "Reinstall from the source tree with `pip install .`.")
+    if not _C.build_info().get("cuda", False):
+        raise RuntimeError(
+            "jsp_fast._C was built without CUDA (jsp_fast._C.build_info()['cuda'] is False), so the fused "
+            "CUDA MLP is unavailable. Rebuild on a machine with the CUDA toolkit: "
+            "`JSP_FAST_CUDA=ON pip install .` (or -C cmake.define.JSP_FAST_CUDA=ON), or use another backend.")
+    if not hasattr(_C, "cuda_fused_mlp"):
+        raise RuntimeError("jsp_fast._C was built with CUDA but has no cuda_fused_mlp: the module is out of date; "
+                           "rebuild it with `JSP_FAST_CUDA=ON pip install .`.")
+    return _C
+
+
+# ---- layers --------------------------------------------------------------------------------------
+def _act_code(act) -> int:
+    if isinstance(act, str):
+        if act.lower() not in ACT_CODES:
+            raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
+        return ACT_CODES[act.lower()]
+    if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act < len(ACT_CODES):
+        raise ValueError(f"activation code must be an int in [0, {len(ACT_CODES) - 1}] or a name, got {act!r}")
+    return int(act)
+
+
+def _pick_block(size: int) -> int:
+    for b in _BLOCK_CHOICES:
+        if size % b == 0:
+            return b
+    return size
+
+
+class FusedLayer:
+    """One layer of the fused MLP: a BSR weight, its activation and its per-output scale/shift.
+
+    ``values`` float32 ``[nnzb, bm, bk]``; ``row_ptr`` int32 ``[n/bm + 1]`` (non-decreasing, from 0 to
+    nnzb); ``col_idx`` int32 ``[nnzb]`` in ``[0, k/bk)``; ``shape = (n, k)``. Either ``scale``/``bias``
+    (plain per-output vectors) or ``gate_w``/``gate_b``/``shift_w``/``bias`` (concatsquash: computed
+    from ``t`` in the kernel). All tensors on one device. The index contents are checked once here
+    (a host copy), so the kernel never sees a malformed table.
+    """
+
+    def __init__(self, values, row_ptr, col_idx, shape, act="none", scale=None, bias=None, gate_w=None,
+                 gate_b=None, shift_w=None, check_indices: bool = True):
+        n, k = (int(s) for s in shape)
+        if not (1 <= n <= MAX_WIDTH and 1 <= k <= MAX_WIDTH):
+            raise ValueError(f"the fused CUDA MLP supports widths 1..{MAX_WIDTH}, got a {n}x{k} layer")
+        if not isinstance(values, torch.Tensor) or values.dim() != 3:
+            raise ValueError("values must be a 3-d tensor [nnzb, bm, bk]")
+        nnzb, bm, bk = values.shape
+        if bm < 1 or bk < 1 or n % bm or k % bk:
+            raise ValueError(f"block {bm}x{bk} does not tile the {n}x{k} weight")
+        for name, idx, length in (("row_ptr", row_ptr, n // bm + 1), ("col_idx", col_idx, nnzb)):
+            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int32 or idx.dim() != 1:
+                raise ValueError(f"{name} must be a 1-d int32 tensor")
+            if idx.numel() != length:
+                raise ValueError(f"{name} must have {length} entries, got {idx.numel()}")
+            if idx.device != values.device:
+                raise ValueError(f"{name} is on {idx.device}, values on {values.device}")
+        if check_indices:
+            rp, ci = row_ptr.cpu(), col_idx.cpu()
+            if rp[0] != 0 or rp[-1] != nnzb or bool((rp[1:] < rp[:-1]).any()):
+                raise ValueError("row_ptr must rise from 0 to nnzb")
+            if nnzb and (int(ci.min()) < 0 or int(ci.max()) >= k // bk):
+                raise ValueError(f"col_idx must lie in [0, {k // bk})")
+        vecs = {"scale": scale, "bias": bias, "gate_w": gate_w, "gate_b": gate_b, "shift_w": shift_w}
+        if scale is not None and gate_w is not None:
+            raise ValueError("give either scale (plain) or gate_w (concatsquash), not both")
+        if gate_w is None and (gate_b is not None or shift_w is not None):
+            raise ValueError("gate_b and shift_w need gate_w")
+        for name, v in vecs.items():
+            if v is None:
+                continue
+            if not isinstance(v, torch.Tensor) or v.numel() != n:
+                raise ValueError(f"{name} must be a tensor of {n} elements")
+            if v.device != values.device:
+                raise ValueError(f"{name} is on {v.device}, values on {values.device}")
+            vecs[name] = v.detach().reshape(n).to(torch.float32).contiguous()
+        self.values = values.detach().to(torch.float32).contiguous()
+        self.row_ptr, self.col_idx = row_ptr.contiguous(), col_idx.contiguous()
+        self.shape = (n, k)
+        self.act = _act_code(act)
+        for name, v in vecs.items():
+            setattr(self, name, v)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        return tuple(self.values.shape[1:])
+
+    @property
+    def nnzb(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return f"FusedLayer({k} -> {n}, block={self.block}, nnzb={self.nnzb}, act={self.act})"
+
+    def to(self, device) -> "FusedLayer":
+        mv = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return FusedLayer(self.values.to(device), self.row_ptr.to(device), self.col_idx.to(device), self.shape,
+                          self.act, check_indices=False, **{name: mv(getattr(self, name)) for name in _VECTORS})
+
+    @classmethod
+    def from_blocks(cls, values, block_rows, block_cols, shape, act="none", **vectors) -> "FusedLayer":
+        """From kept blocks in grid coordinates (any order): sorted into BSR row order."""
+        n, k = (int(s) for s in shape)
+        bm = values.shape[1]
+        rows, cols = block_rows.to(torch.int64), block_cols.to(torch.int64)
+        order = torch.argsort(rows * (k // values.shape[2] + 1) + cols)
+        counts = torch.bincount(rows, minlength=n // bm)
+        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        return cls(values[order], row_ptr, cols[order].to(torch.int32), (n, k), act, **vectors)
+
+    @classmethod
+    def from_dense(cls, weight, mask=None, block=None, act="none", **vectors) -> "FusedLayer":
+        """From a dense ``[n, k]`` weight; with ``mask``, only blocks with a kept weight are stored."""
+        n, k = weight.shape
+        bm, bk = block if block is not None else (_pick_block(n), _pick_block(k))
+        if n % bm or k % bk:
+            raise ValueError(f"block {bm}x{bk} does not tile the {n}x{k} weight")
+        w = weight.detach().to(torch.float32)
+        grid_w = w.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
+        if mask is None:
+            keep = torch.ones(n // bm, k // bk, dtype=torch.bool, device=w.device)
+        else:
+            m = mask.to(device=w.device, dtype=torch.bool)
+            grid_w = grid_w * m.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
+            keep = m.reshape(n // bm, bm, k // bk, bk).any(dim=3).any(dim=1)
+        rows, cols = keep.nonzero(as_tuple=True)
+        return cls.from_blocks(grid_w[rows, cols].contiguous(), rows, cols, (n, k), act, **vectors)
+
+
+def _concatsquash_vectors(layer) -> dict:
+    """gate_w, gate_b, shift_w, bias of a concatsquash layer (ConcatSquashLinear or a SparseODEnet layer)."""
+    inner = getattr(layer, "layer", layer)  # DenseConcatSquash wraps a ConcatSquashLinear
+    bias = inner.linear.bias if hasattr(inner, "linear") else getattr(inner, "bias", None)
+    return {"gate_w": inner.hyper_gate.weight.reshape(-1), "gate_b": inner.hyper_gate.bias,
+            "shift_w": inner.hyper_bias.weight.reshape(-1), "bias": bias}
+
+
+def field_layers(net, device=None) -> list[FusedLayer]:
+    """The FusedLayers of a concatsquash field: a ``SparseODEnet`` (block-sparse layers keep their
+    blocks, dense ones become all-kept BSR) or a masked dense ``ODEnet``."""
+    layers = list(net.layers)
+    act = getattr(net, "activation", "tanh")
+    out = []
+    for i, layer in enumerate(layers):
+        a = act if i < len(layers) - 1 else "none"
+        vecs = _concatsquash_vectors(layer)
+        with torch.no_grad():
+            if hasattr(layer, "values") and hasattr(layer, "block_rows"):
+                fl = FusedLayer.from_blocks(layer.values, layer.block_rows, layer.block_cols,
+                                            (layer.out_features, layer.in_features), a, **vecs)
+            else:
+                inner = getattr(layer, "layer", layer)
+                fl = FusedLayer.from_dense(inner.effective_weight(), inner.mask, None, a, **vecs)
+        out.append(fl if device is None else fl.to(device))
+    return out
+
+
+# ---- launch --------------------------------------------------------------------------------------
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def fused_mlp(x: torch.Tensor, layers: Sequence[FusedLayer], x_dot: torch.Tensor | None = None, t=0.0):
+    """``(y, y_dot)`` of the fused MLP; ``x`` ``[B, k0]``, ``x_dot`` ``[T, B, k0]`` or None (``y_dot`` None).
+
+    ``t``: a float or a scalar tensor on ``x``'s device (read in the kernel, no synchronisation).
+    Runs on the current stream of ``x``'s device; float32 only; no autograd.
+    """
+    C = require_cuda_build()
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        raise ValueError("x must be a CUDA tensor (the fused MLP runs on the GPU)")
+    if x.dtype != torch.float32 or x.dim() != 2:
+        raise ValueError(f"x must be a 2-d float32 tensor, got {x.dtype} with shape {tuple(x.shape)}")
+    layers = list(layers)
+    if not 1 <= len(layers) <= MAX_LAYERS:
+        raise ValueError(f"the fused CUDA MLP takes 1..{MAX_LAYERS} layers, got {len(layers)}")
+    for i, L in enumerate(layers):
+        if not isinstance(L, FusedLayer):
+            raise ValueError(f"layer {i} must be a FusedLayer, got {type(L).__name__}")
+        if L.device != x.device:
+            raise ValueError(f"layer {i} is on {L.device}, x on {x.device}")
+        if i and L.shape[1] != layers[i - 1].shape[0]:
+            raise ValueError(f"layer {i} takes {L.shape[1]} inputs, layer {i - 1} gives {layers[i - 1].shape[0]}")
+    B, k0 = x.shape
+    if k0 != layers[0].shape[1]:
+        raise ValueError(f"x has {k0} features, the first layer takes {layers[0].shape[1]}")
+    ntan = 0
+    if x_dot is not None:
+        if not isinstance(x_dot, torch.Tensor) or x_dot.device != x.device or x_dot.dtype != torch.float32:
+            raise ValueError("x_dot must be a float32 tensor on x's device")
+        if x_dot.dim() != 3 or tuple(x_dot.shape[1:]) != (B, k0):
+            raise ValueError(f"x_dot must have shape [T, {B}, {k0}], got {tuple(x_dot.shape)}")
+        ntan = x_dot.shape[0]
+    grads = [x, x_dot] + [getattr(L, n) for L in layers for n in ("values",) + _VECTORS]
+    if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
+        raise RuntimeError("the fused CUDA MLP is inference only (no autograd): call it under torch.no_grad() "
+                           "or use the per-layer ops for training")
+    t_dev, t_val = None, 0.0
+    if isinstance(t, torch.Tensor):
+        if t.numel() != 1:
+            raise ValueError("t must be a scalar")
+        if t.is_cuda:
+            if t.device != x.device:
+                raise ValueError(f"t is on {t.device}, x on {x.device}")
+            t_dev = t.detach().reshape(()).to(torch.float32).contiguous()
+        else:
+            t_val = float(t)
+    else:
+        t_val = float(t)
+    x = x.contiguous()
+    x_dot = None if x_dot is None else x_dot.contiguous()
+    n_out = layers[-1].shape[0]
+    y = torch.empty(B, n_out, device=x.device, dtype=torch.float32)
+    y_dot = None if x_dot is None else torch.empty(ntan, B, n_out, device=x.device, dtype=torch.float32)
+    specs = []
+    for L in layers:
+        n, k = L.shape
+        bm, bk = L.block
+        spec = {"n": n, "k": k, "bm": bm, "bk": bk, "nnzb": L.nnzb, "act": L.act, "values": _ptr(L.values),
+                "row_ptr": _ptr(L.row_ptr), "col_idx": _ptr(L.col_idx)}
+        spec.update({name: _ptr(getattr(L, name)) for name in _VECTORS})
+        specs.append(spec)
+    if B == 0:
+        return y, y_dot
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        C.cuda_fused_mlp(specs, _ptr(x), _ptr(x_dot) if ntan else None, _ptr(y), _ptr(y_dot) if ntan else None,
+                         B, ntan, t_val, _ptr(t_dev), stream)
+    return y, y_dot
+
+
+_FIELD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fused_field(net, t, z: torch.Tensor, v: torch.Tensor | None = None):
+    """``(f, Jv)`` of a concatsquash field in one launch (``Jv`` None without ``v``); the network's
+    FusedLayers are rebuilt only when a parameter or buffer changes."""
+    key = (z.device,) + tuple((p.data_ptr(), p._version) for p in net.parameters()) + tuple(
+        (b.data_ptr(), b._version) for b in net.buffers())
+    hit = _FIELD_CACHE.get(net)
+    if hit is None or hit[0] != key:
+        hit = (key, field_layers(net, z.device))
+        _FIELD_CACHE[net] = hit
+    with torch.no_grad():
+        return fused_mlp(z, hit[1], v, t)
