@@ -203,7 +203,13 @@ def field_layers(net, device=None) -> list[FusedLayer]:
                                             (layer.out_features, layer.in_features), a, **vecs)
             else:
                 inner = getattr(layer, "layer", layer)
-                fl = FusedLayer.from_dense(inner.effective_weight(), inner.mask, None, a, **vecs)
+                mask = inner.mask
+                block = None
+                if mask is not None and not bool(mask.all()):
+                    from ._field import infer_block  # noqa: PLC0415
+
+                    block = infer_block(mask)
+                fl = FusedLayer.from_dense(inner.effective_weight(), mask, block, a, **vecs)
         out.append(fl if device is None else fl.to(device))
     return out
 
