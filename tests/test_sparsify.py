@@ -19,9 +19,10 @@ AGREE = 1e-8
 def _pruned(dim=16, hidden=(32, 32), trace="exact", method="random", sparsity=0.7, block=(8, 8), seed=0,
             **kw):
     torch.manual_seed(seed)
-    model = jf.CNF(dim=dim, hidden=hidden, trace=trace, rtol=1e-8, atol=1e-8, **kw).to(DTYPE)
+    model = jf.CNF(dim=dim, hidden=hidden, trace=trace, rtol=1e-4, atol=1e-4, **kw).to(DTYPE)
     x = torch.randn(64, dim, dtype=DTYPE)
     jf.prune(model, method, sparsity, data=x, granularity="block", block=block, seed=seed)
+    model.rtol = model.atol = 1e-8  # scores at a loose tolerance (fast), compare at a tight one
     return model
 
 

@@ -32,6 +32,7 @@ from ..cnf._layers import ConcatSquashLinear, ODEnet, activate, activation_deriv
 # Block shapes tried, largest first, when sparsify() is not told the block (the mask carries no block
 # size, so it is recovered from the mask: the largest of these on which the mask is constant).
 BLOCK_CANDIDATES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32), (16, 16), (8, 8))
+_TABLES = ("_t_row_ptr", "_t_col_idx", "_t_block_row", "_t_col_ptr", "_t_row_idx", "_t_perm")
 ACT_CODES = {"none": 0, "tanh": 1, "softplus": 2, "elu": 3, "relu": 4, "sigmoid": 5}
 
 
@@ -109,7 +110,6 @@ class BlockSparseConcatSquash(nn.Module):
         self.bias = None if b is None else nn.Parameter(b.detach().clone())
         self.hyper_gate = copy.deepcopy(layer.hyper_gate)
         self.hyper_bias = copy.deepcopy(layer.hyper_bias)
-        self._bsr = None  # backend weight object, rebuilt when values change (per-layer jf.ops path)
 
     @property
     def nnzb(self) -> int:
@@ -153,33 +153,36 @@ class BlockSparseConcatSquash(nn.Module):
         return gate, shift
 
     # per-layer path ---------------------------------------------------------------------------------
-    def _weight(self, ops):
-        """The backend's BlockSparseWeight over ``values`` (autograd reaches ``values``)."""
-        from . import BlockSparseWeight  # noqa: PLC0415
-
-        if hasattr(BlockSparseWeight, "from_blocks"):
-            return BlockSparseWeight.from_blocks(self.values, self.block_rows, self.block_cols,
-                                                 (self.out_features, self.in_features))
-        raise NotImplementedError
+    def bsr_weight(self):
+        """The ``BlockSparseWeight`` over the live ``values`` (gradients reach them), or None when the
+        block-sparse ops are not installed. Its look-up tables are built once and kept as
+        non-persistent buffers (they follow ``.to()`` and stay out of the state dict)."""
+        try:
+            from ._format import BlockSparseWeight, build_tables  # noqa: PLC0415
+        except ImportError:
+            return None
+        bm, bk = self.block
+        n, k = self.out_features, self.in_features
+        if "_t_row_ptr" not in self._buffers or self._buffers["_t_row_ptr"].device != self.values.device:
+            tables = build_tables(self.block_rows, self.block_cols, n // bm, k // bk)
+            for name, v in zip(_TABLES, tables):
+                self.register_buffer(name, v, persistent=False)
+        return BlockSparseWeight(self.values, (n, k), self.block, *(self._buffers[t] for t in _TABLES))
 
     def forward(self, t, x, act: str, backend: str = "auto"):
         gate, shift = self.gate_and_shift(t)
-        ops = _ops() if backend != "torch" else None
-        if ops is not None:
-            try:
-                return ops.bsr_linear(x, self._weight(ops), gate, shift, act)
-            except NotImplementedError:
-                pass
+        ops = _ops()
+        w = self.bsr_weight() if ops is not None else None
+        if w is not None:
+            return ops.bsr_linear(x, w, gate, shift, act, backend=backend)
         return activate(act, F.linear(x, self.dense_weight()) * gate + shift)
 
     def jvp(self, t, x, xv, act: str, backend: str = "auto"):
         gate, shift = self.gate_and_shift(t)
-        ops = _ops() if backend != "torch" else None
-        if ops is not None:
-            try:
-                return ops.bsr_linear_jvp(x, xv, self._weight(ops), gate, shift, act)
-            except NotImplementedError:
-                pass
+        ops = _ops()
+        w = self.bsr_weight() if ops is not None else None
+        if w is not None:
+            return ops.bsr_linear_jvp(x, xv, w, gate, shift, act, backend=backend)
         w = self.dense_weight()
         pre = F.linear(x, w) * gate + shift
         y = activate(act, pre)
