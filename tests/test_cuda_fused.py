@@ -355,6 +355,48 @@ def test_gpu_sparse_odenet_field():
     torch.testing.assert_close(jv, rjv, rtol=1e-4, atol=1e-5)
 
 
+@needs_gpu
+@pytest.mark.gpu
+def test_gpu_device_time_graph_capture_and_edge_cases():
+    """t as a device scalar (no sync) == t as a float; the launch replays in a CUDA graph with a new t;
+    batch 0; no tangents; inference only."""
+    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+
+    rng = np.random.default_rng(2)
+    layers_np = field(rng, 5, (96, 40), ACTS["elu"], (8, 8), density=0.5)
+    layers = _torch_layers(layers_np, "cuda")
+    x = torch.randn(300, 5, device="cuda")
+    xd = torch.randn(3, 300, 5, device="cuda")
+    y1, yd1 = _cuda.fused_mlp(x, layers, xd, t=0.7)
+    t_dev = torch.tensor(0.7, device="cuda")
+    y2, yd2 = _cuda.fused_mlp(x, layers, xd, t=t_dev)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    torch.testing.assert_close(yd1, yd2, rtol=0, atol=0)
+    y3, none = _cuda.fused_mlp(x, layers, None, t=0.7)
+    assert none is None
+    torch.testing.assert_close(y3, y1, rtol=0, atol=0)
+    y0, yd0 = _cuda.fused_mlp(x[:0], layers, xd[:, :0], t=0.7)
+    assert y0.shape == (0, 5) and yd0.shape == (3, 0, 5)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _cuda.fused_mlp(x, layers, xd, t=t_dev)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        yg, ydg = _cuda.fused_mlp(x, layers, xd, t=t_dev)
+    t_dev.fill_(-0.4)
+    g.replay()
+    torch.cuda.synchronize()
+    ry, ryd = reference(layers_np, x.cpu().numpy(), xd.cpu().numpy(), -0.4)
+    _check(yg.cpu().numpy(), ry)
+    _check(ydg.cpu().numpy(), ryd)
+
+    with pytest.raises(RuntimeError, match="inference only"):
+        _cuda.fused_mlp(x.requires_grad_(), layers, xd)
+
+
 # ---- (c) launcher errors ---------------------------------------------------------------------------
 def test_launcher_errors_without_cuda_build_or_device():
     from jsp_fast.sparse import _cuda  # noqa: PLC0415
@@ -394,3 +436,53 @@ def test_fused_layer_checks():
     m[4:] = True
     part = _cuda.FusedLayer.from_dense(w, m, block=(4, 4))
     assert part.nnzb == 1 and part.row_ptr.tolist() == [0, 0, 1]
+
+
+def test_custom_op_fake_shapes():
+    """jsp_fast::cuda_fused_mlp is a torch.library op with a fake implementation (torch.compile)."""
+    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+
+    layers = [_cuda.FusedLayer.from_dense(torch.randn(8, 4), act="tanh", gate_w=torch.randn(8),
+                                          gate_b=torch.randn(8), shift_w=torch.randn(8)),
+              _cuda.FusedLayer.from_dense(torch.randn(3, 8))]
+    tensors, meta = [], []
+    for L in layers:
+        tensors += [None if getattr(L, n) is None else getattr(L, n).to("meta") for n in _cuda._LAYER_TENSORS]
+        meta += [L.shape[0], L.shape[1], L.block[0], L.block[1], L.act]
+    x, xd, t = torch.empty(5, 4, device="meta"), torch.empty(2, 5, 4, device="meta"), torch.empty((), device="meta")
+    y, yd = torch.ops.jsp_fast.cuda_fused_mlp(x, xd, t, tensors, meta)
+    assert y.shape == (5, 3) and yd.shape == (2, 5, 3)
+    y, yd = torch.ops.jsp_fast.cuda_fused_mlp(x, None, t, tensors, meta)
+    assert yd.shape == (0, 5, 3)
+
+
+@pytest.mark.skipif(not __import__("jsp_fast.sparse._cuda", fromlist=["x"]).built_with_cuda(),
+                    reason="jsp_fast._C built without CUDA (bind_cuda is the empty stub)")
+def test_binding_checks_arguments():
+    """bind_cuda rejects bad sizes, keys and pointers before anything reaches the GPU (no device needed)."""
+    from jsp_fast._ext import _C  # noqa: PLC0415
+
+    ok = {"n": 8, "k": 4, "bm": 4, "bk": 4, "nnzb": 1, "act": 1, "values": 64, "row_ptr": 64, "col_idx": 64}
+    call = lambda layers, **kw: _C.cuda_fused_mlp(layers, kw.get("x", 64), kw.get("xd"), 64, kw.get("yd"),  # noqa: E731
+                                                  kw.get("batch", 3), kw.get("ntan", 0), 0.0, None, None)
+    cases = [
+        ([], "1 to 16 layers"),
+        ([dict(ok, foo=1)], "unknown key 'foo'"),
+        ([dict(ok, n=1024)], "'n' must be in"),
+        ([dict(ok, bm=3)], "does not tile"),
+        ([dict(ok, nnzb=3)], "'nnzb' must be in"),
+        ([dict(ok, act=7)], "'act' must be in"),
+        ([dict(ok, values=66)], "not aligned"),
+        ([dict(ok, values=None)], "values and col_idx are required"),
+        ([dict(ok, scale=64, gate_w=64)], "not both"),
+        ([ok, dict(ok, k=4)], "does not match the previous layer"),
+        ([{k: v for k, v in ok.items() if k != "bm"}], "missing key 'bm'"),
+    ]
+    for layers, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call(layers)
+    with pytest.raises(ValueError, match="x_dot and y_dot are required"):
+        call([ok], ntan=2)
+    with pytest.raises(ValueError, match="batch must be"):
+        call([ok], batch=-1)
+    call([ok], batch=0)  # nothing to do: returns without touching the device

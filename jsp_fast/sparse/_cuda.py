@@ -18,7 +18,7 @@ Everything here raises a clear error when ``jsp_fast._C`` was built without CUDA
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -225,7 +225,7 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[FusedLayer], x_dot: torch.Tensor
     ``t``: a float or a scalar tensor on ``x``'s device (read in the kernel, no synchronisation).
     Runs on the current stream of ``x``'s device; float32 only; no autograd.
     """
-    C = require_cuda_build()
+    require_cuda_build()
     if not isinstance(x, torch.Tensor) or not x.is_cuda:
         raise ValueError("x must be a CUDA tensor (the fused MLP runs on the GPU)")
     if x.dtype != torch.float32 or x.dim() != 2:
@@ -254,38 +254,64 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[FusedLayer], x_dot: torch.Tensor
     if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
         raise RuntimeError("the fused CUDA MLP is inference only (no autograd): call it under torch.no_grad() "
                            "or use the per-layer ops for training")
-    t_dev, t_val = None, 0.0
     if isinstance(t, torch.Tensor):
         if t.numel() != 1:
             raise ValueError("t must be a scalar")
-        if t.is_cuda:
-            if t.device != x.device:
-                raise ValueError(f"t is on {t.device}, x on {x.device}")
-            t_dev = t.detach().reshape(()).to(torch.float32).contiguous()
-        else:
-            t_val = float(t)
+        if t.is_cuda and t.device != x.device:
+            raise ValueError(f"t is on {t.device}, x on {x.device}")
+        t = t.detach().reshape(()).to(torch.float32)
     else:
-        t_val = float(t)
-    x = x.contiguous()
-    x_dot = None if x_dot is None else x_dot.contiguous()
-    n_out = layers[-1].shape[0]
-    y = torch.empty(B, n_out, device=x.device, dtype=torch.float32)
-    y_dot = None if x_dot is None else torch.empty(ntan, B, n_out, device=x.device, dtype=torch.float32)
-    specs = []
+        t = torch.tensor(float(t), dtype=torch.float32)
+    tensors, meta = [], []
     for L in layers:
-        n, k = L.shape
-        bm, bk = L.block
-        spec = {"n": n, "k": k, "bm": bm, "bk": bk, "nnzb": L.nnzb, "act": L.act, "values": _ptr(L.values),
-                "row_ptr": _ptr(L.row_ptr), "col_idx": _ptr(L.col_idx)}
-        spec.update({name: _ptr(getattr(L, name)) for name in _VECTORS})
+        tensors += [getattr(L, name) for name in _LAYER_TENSORS]
+        meta += [L.shape[0], L.shape[1], L.block[0], L.block[1], L.act]
+    y, y_dot = torch.ops.jsp_fast.cuda_fused_mlp(x.contiguous(), None if x_dot is None else x_dot.contiguous(), t,
+                                                 tensors, meta)
+    return y, (None if x_dot is None else y_dot)
+
+
+# The torch.library op: the launcher above validates; the op owns the launch (so torch.compile sees one
+# opaque call with a fake implementation, and a device-resident t keeps it graph-capturable).
+_LAYER_TENSORS = ("values", "row_ptr", "col_idx") + _VECTORS
+_META = 5  # n, k, bm, bk, act per layer
+
+
+@torch.library.custom_op("jsp_fast::cuda_fused_mlp", mutates_args=(), device_types="cuda")
+def _cuda_fused_mlp_op(x: torch.Tensor, x_dot: Optional[torch.Tensor], t: torch.Tensor,
+                       tensors: List[Optional[torch.Tensor]], meta: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    C = require_cuda_build()
+    B = x.shape[0]
+    ntan = 0 if x_dot is None else x_dot.shape[0]
+    nl = len(meta) // _META
+    if len(meta) != nl * _META or len(tensors) != nl * len(_LAYER_TENSORS):
+        raise ValueError("jsp_fast::cuda_fused_mlp: tensors/meta do not describe whole layers")
+    n_out = meta[(nl - 1) * _META]
+    y = torch.empty(B, n_out, device=x.device, dtype=torch.float32)
+    y_dot = torch.empty(ntan, B, n_out, device=x.device, dtype=torch.float32)
+    specs = []
+    for i in range(nl):
+        n, k, bm, bk, act = meta[i * _META:(i + 1) * _META]
+        ts = tensors[i * len(_LAYER_TENSORS):(i + 1) * len(_LAYER_TENSORS)]
+        spec = {"n": n, "k": k, "bm": bm, "bk": bk, "nnzb": ts[0].shape[0], "act": act}
+        spec.update({name: _ptr(v) for name, v in zip(_LAYER_TENSORS, ts)})
         specs.append(spec)
     if B == 0:
         return y, y_dot
+    t_dev = t if t.is_cuda else None
+    t_val = 0.0 if t.is_cuda else float(t)
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream(x.device).cuda_stream
         C.cuda_fused_mlp(specs, _ptr(x), _ptr(x_dot) if ntan else None, _ptr(y), _ptr(y_dot) if ntan else None,
                          B, ntan, t_val, _ptr(t_dev), stream)
     return y, y_dot
+
+
+@_cuda_fused_mlp_op.register_fake
+def _(x, x_dot, t, tensors, meta):
+    n_out = meta[len(meta) - _META]
+    ntan = 0 if x_dot is None else x_dot.shape[0]
+    return x.new_empty(x.shape[0], n_out), x.new_empty(ntan, x.shape[0], n_out)
 
 
 _FIELD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
