@@ -224,8 +224,11 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the "End to end" section of ``path``; the rest of the file is untouched."""
+def write_section(path: Path, section: str, append: bool = False) -> None:
+    """Replace (or create) the "End to end" section of ``path``; the rest of the file is untouched.
+
+    ``append``: keep the section's earlier runs and add this one after them (without a second heading).
+    """
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
@@ -235,6 +238,9 @@ def write_section(path: Path, section: str) -> None:
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         tail = "".join(lines[end:])
+        if append:
+            body = section.split("\n", 1)[1] if section.startswith(SECTION) else section
+            section = "".join(lines[start:end]).rstrip("\n") + "\n\n---\n" + body
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(new)
@@ -279,6 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--results", default="bench/RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing it")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the End to end section instead of replacing the section")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -300,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_write:
         print(md)
     else:
-        write_section(Path(args.results), md)
+        write_section(Path(args.results), md, append=args.append)
         print(md)
         print(f"wrote the '{SECTION[3:]}' section of {args.results}", file=sys.stderr)
     return 0

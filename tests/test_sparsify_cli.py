@@ -1,0 +1,47 @@
+"""The e2e benchmark module behind `jsp-fast bench e2e` (tiny sizes) and its RESULTS.md section."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from jsp_fast import _bench_cli as bc
+
+
+def test_run_e2e_tiny_and_markdown(tmp_path):
+    rows = bc.run_e2e(datasets=("toy",), sparsities=(0.9,), providers=("dense", "sparse"), repeats=1, n=64,
+                      prune_method="random", quiet=True)
+    assert {(r["op"], r["provider"]) for r in rows} == {(o, p) for o in ("sample", "log_prob")
+                                                         for p in ("dense", "sparse")}
+    for r in rows:
+        assert r["nfe"] > 0 and r["seconds"] > 0
+        assert r["max_abs_diff"] < 1e-3
+    md = bc.format_markdown(rows, "jsp-fast bench e2e --n 64", "dopri5", 1e-5, "random")
+    assert md.startswith(bc.SECTION) and "| toy |" in md and "× dense" in md
+
+    res = tmp_path / "RESULTS.md"
+    res.write_text("# Results\n\n## Kernels\n\nkernel rows\n")
+    bc.write_section(res, md)
+    bc.write_section(res, md)  # replaced, not duplicated
+    text = res.read_text()
+    assert text.count(bc.SECTION) == 1 and "kernel rows" in text
+    bc.write_section(res, md, append=True)
+    text = res.read_text()
+    assert text.count(bc.SECTION) == 1 and text.count("| toy |") == 4 and text.index("## Kernels") < text.index(bc.SECTION)
+    # A section in the middle keeps what follows it.
+    res.write_text("# R\n\n## End to end\n\nold\n\n## Later\n\nlater rows\n")
+    bc.write_section(res, md)
+    text = res.read_text()
+    assert "old" not in text and "later rows" in text and text.index(bc.SECTION) < text.index("## Later")
+
+
+def test_arguments():
+    p = argparse.ArgumentParser()
+    bc.add_arguments(p)
+    a = p.parse_args(["e2e", "--datasets", "toy", "--sparsities", "0.8,0.9", "--providers", "dense,sparse"])
+    assert a.datasets == ("toy",) and a.sparsities == (0.8, 0.9) and a.providers == ("dense", "sparse")
+    for bad in (["--datasets", "mnist"], ["--sparsities", "1.5"], ["--providers", "gpu"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    a = p.parse_args(["--prune", "nope", "--no-write"])
+    assert bc.run(a) == 2
