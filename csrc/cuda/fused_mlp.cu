@@ -7,6 +7,9 @@
 // through the read-only cache (every CTA reads all kept blocks; the layer sizes here, <= 512 x 512,
 // keep them L2-resident), activations from shared memory (rows padded by 4 floats: no bank conflicts
 // for the 8 rows of a warp's float4 column).
+//
+// Not done yet: a bf16/TF32 tensor-core (mma.sync) variant of tile_vec for 16x16-multiple blocks, and
+// staging each block row's weights in shared memory for the wide (512) tier.
 #include <cuda_runtime.h>
 
 #include <array>
@@ -21,6 +24,11 @@ namespace jsp_fast {
 namespace cuda {
 namespace fused {
 namespace {
+
+// WIDTH_SWITCH and the host-side planner (threads_for_width) must agree on the tiers.
+static_assert(threads_for_width(64) == 128 && threads_for_width(128) == 128 && threads_for_width(129) == 256 &&
+                  threads_for_width(kMaxWidth) == 256,
+              "WIDTH_SWITCH tiers out of step with threads_for_width");
 
 template <int kThreads>
 struct DeviceExec {
