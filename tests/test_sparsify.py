@@ -145,6 +145,26 @@ def test_sparsify_leaves_original_and_resparsifies():
     assert isinstance(again.net, SparseODEnet)
 
 
+def test_deepcopy_and_pickle_after_fused_use():
+    import copy
+    import io
+
+    model = _pruned()
+    fast = sparsify(model)
+    x = _x(5)
+    with torch.no_grad():
+        ref = fast.log_prob(x)
+    twin = copy.deepcopy(fast)
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        for m in (twin, loaded):
+            assert (m.log_prob(x) - ref).abs().max() < AGREE
+    assert fast.net._plan is not None  # the original keeps its cache
+
+
 def test_public_names():
     if not hasattr(jf, "sparsify"):
         pytest.skip("jsp_fast.sparse does not export sparsify yet")

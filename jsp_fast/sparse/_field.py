@@ -277,6 +277,14 @@ class SparseODEnet(nn.Module):
         self._plan = None
         self._plan_key = None
 
+    def __getstate__(self):
+        # The packed plan is a cache of the parameters (and not picklable): deepcopy/torch.save drop it.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_plan"] = None
+        state["_plan_key"] = None
+        return state
+
     @classmethod
     def from_odenet(cls, net: ODEnet, backend: str = "auto", block: tuple[int, int] | int | None = None,
                     fused: bool = True) -> "SparseODEnet":
