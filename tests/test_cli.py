@@ -1,0 +1,129 @@
+"""The jsp-fast command: --help everywhere, a tiny demo, train -> resume -> sample -> eval, and
+one-line errors (exit code 2, no traceback) for bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from jsp_fast import cli
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def run(capsys, *argv):
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(code, err):
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_help_for_every_subcommand(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for name in ("demo", "train", "sample", "eval"):
+        assert name in out
+    subcommands = list(cli.COMMANDS) + [n for n in cli.EXTERNAL if n in out]
+    for name in subcommands:
+        code, out, err = run(capsys, name, "--help")
+        assert code == 0, (name, err)
+        assert out.startswith(f"usage: jsp-fast {name}")
+
+
+def test_no_subcommand_is_an_error(capsys):
+    code, _, err = run(capsys)
+    assert code == 2 and "usage" in err
+
+
+def test_entry_point_module_runs():
+    res = subprocess.run([sys.executable, "-m", "jsp_fast.cli", "eval", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--checkpoint" in res.stdout
+
+
+def test_demo_tiny_budget(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--steps", 20, "--hidden", "16,16", "--n-test", 200, "--grid", 20,
+                            "--out", out, "--no-progress")
+    assert code == 0, err
+    for f in ("data.png", "samples.png", "density.png", "demo.png", "training.png"):
+        assert (out / f).stat().st_size > 1000, f
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "8gaussians" and m["train"]["steps"] == 20
+    assert m["nll_gap"] == pytest.approx(m["test_nll"] - m["true_nll"])
+    assert m["initial_val_nll"] > m["final_val_nll"]  # 20 steps already help
+    assert m["nfe"]["test_forward"] > 0 and m["time_s"]["total"] > 0
+    assert "gap" in stdout
+    # The demo's checkpoint feeds the other commands.
+    code, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint", "--n", 50, "--out", tmp_path / "s.npy")
+    assert code == 0, err
+    assert np.load(tmp_path / "s.npy").shape == (50, 2)
+
+
+def test_train_resume_sample_eval(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["train", "--dataset", "8gaussians", "--n", 300, "--hidden", "8,8", "--batch-size", 32,
+              "--lr", 1e-2, "--eval-every", 2, "--prune", "random", "--sparsity", 0.5, "--out", run_dir,
+              "--threads", 1, "--no-progress", "--reg-kinetic", 0.01]
+    code, out, err = run(capsys, *common, "--steps", 2)
+    assert code == 0, err
+    assert "pruned with random" in err and (run_dir / "last" / "config.json").exists()
+    code, out, err = run(capsys, *common, "--steps", 4)
+    assert code == 0, err
+    assert "resuming" in err and out.startswith("step 4:")
+    hist = json.loads((run_dir / "history.json").read_text())["rows"]
+    assert [r["step"] for r in hist] == [0, 1, 2, 3, 4]
+    cfg = json.loads((run_dir / "last" / "config.json").read_text())
+    assert len(cfg["masks"]) == 3  # the pruned model was checkpointed with its masks
+
+    code, out, err = run(capsys, "sample", "--checkpoint", run_dir, "--n", 100, "--seed", 1,
+                         "--out", tmp_path / "s.png", "--no-progress")
+    assert code == 0, err
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, err = run(capsys, "eval", "--checkpoint", run_dir, "--max-n", 40, "--tol", 1e-3,
+                         "--json", tmp_path / "e.json", "--no-progress")
+    assert code == 0, err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["dataset"] == "8gaussians" and res["n"] == 40 and "nll_gap" in res and res["nfe_forward_mean"] > 0
+    assert "NLL" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--dataset", "nosuchset", "--out", "{tmp}/r"], "unknown dataset 'nosuchset'"),
+    (["eval", "--checkpoint", "{tmp}/nowhere", "--dataset", "8gaussians"], "no such file"),
+    (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s.npy"], "not a jsp_fast checkpoint"),
+    (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/s.txt"], ".npy or .png"),
+    (["sample", "--checkpoint", "{tmp}", "--out", "{tmp}/no/dir/s.npy"], "does not exist"),
+    (["train", "--dataset", "power", "--root", "{tmp}/missing", "--out", "{tmp}/r"], "not a directory"),
+    (["train", "--dataset", "8gaussians", "--steps", "0", "--out", "{tmp}/r"], "positive integer"),
+    (["train", "--dataset", "8gaussians", "--lr", "-1", "--out", "{tmp}/r"], "positive number"),
+    (["train", "--dataset", "8gaussians", "--sparsity", "1.5", "--out", "{tmp}/r"], "sparsity in [0, 1)"),
+    (["train", "--dataset", "8gaussians", "--hidden", "64,x", "--out", "{tmp}/r"], "comma-separated"),
+    (["train", "--dataset", "8gaussians", "--prune", "best", "--steps", "1", "--out", "{tmp}/r"],
+     "unknown pruning method"),
+    (["demo", "--dataset", "digits", "--out", "{tmp}/d"], "2-D toy set"),
+    (["demo", "--out", "{tmp}/file.txt"], "not a directory"),
+    (["nosuchcommand"], "invalid choice"),
+])
+def test_clear_errors(capsys, tmp_path, argv, needle):
+    (tmp_path / "file.txt").write_text("x")
+    code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    _one_line_error(code, err)
+    assert needle in err
