@@ -224,7 +224,7 @@ def _toy_lim(x) -> float:
 
 # -- demo ------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="jsp-fast-demo", help="output directory (default %(default)s)")
+    p.add_argument("--out", default="demo_out", help="output directory (default %(default)s)")
     p.add_argument("--dataset", default="8gaussians", help="a 2-D toy set (default %(default)s)")
     p.add_argument("--steps", type=_pos_int, default=250, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=_pos_int, default=256)
