@@ -350,6 +350,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reg-kinetic", type=_nonneg_float, default=0.0, help="RNODE kinetic-energy weight λ")
     g.add_argument("--reg-jacobian", type=_nonneg_float, default=0.0, help="RNODE Jacobian-norm weight λ")
     g.add_argument("--eval-every", type=_pos_int, default=100)
+    g.add_argument("--val-max", type=_pos_int, default=10_000,
+                   help="validate on at most this many points (default %(default)s)")
     g.add_argument("--R-every", dest="R_every", type=_nonneg_int, default=1,
                    help="measure R on a fixed validation batch every this many steps (0: never)")
     g.add_argument("--checkpoint-every", type=_pos_int, default=None, help="default: --eval-every")
@@ -385,13 +387,13 @@ def cmd_train(args) -> int:
             print(f"pruned with {pruned['method']}: kept {pruned['kept']}/{pruned['total']} field weights",
                   file=sys.stderr)
     info = {"dataset": ds.name, "n": args.n, "seed": args.data_seed, "root": args.root, "prune": pruned,
-            "command": " ".join(shlex.quote(a) for a in [PROG, *sys.argv[1:]])}
+            "command": " ".join(shlex.quote(str(a)) for a in [PROG, *args._argv])}
     if not resuming or not (out / RUN_FILE).exists():
         _write_json(out / RUN_FILE, info)
     reg = {k: v for k, v in (("kinetic", args.reg_kinetic), ("jacobian", args.reg_jacobian)) if v > 0} or None
     try:
-        hist = jf.train(model, ds.train, ds.val, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        reg=reg, eval_every=args.eval_every, seed=args.seed, weight_decay=args.weight_decay,
+        hist = jf.train(model, ds.train, ds.val[: args.val_max], steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, reg=reg, eval_every=args.eval_every, seed=args.seed, weight_decay=args.weight_decay,
                         bits_per_dim=ds.bits_per_dim, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
                         resume=True, progress=not args.no_progress, R_every=args.R_every)
     except CheckpointError as exc:
@@ -557,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
+    args._argv = argv
     if getattr(args, "_run", None) is None:
         p.print_help(sys.stderr)
         return 2
