@@ -217,6 +217,8 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         _fsync_dir(path.parent)
         if moved:
             shutil.rmtree(backup, ignore_errors=True)
+        for stale in _backups(path):  # left by an earlier save that died between its renames
+            shutil.rmtree(stale, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

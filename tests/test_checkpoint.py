@@ -139,6 +139,8 @@ def test_crash_between_renames_falls_back_to_previous(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="interrupted save"):
         got = jf.load(path)
     assert torch.equal(got.log_prob(X), old.log_prob(X))
+    jf.save(path, got)  # the next good save clears the moved-aside copy
+    assert sorted(os.listdir(tmp_path)) == ["c"]
 
 
 def test_half_written_directory_is_rejected(tmp_path):
