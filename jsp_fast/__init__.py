@@ -10,3 +10,4 @@ from .prune import prune, remove_pruning  # noqa: E402
 from . import data  # noqa: E402
 from .train import train  # noqa: E402
 from .checkpoint import save, load  # noqa: E402
+from . import sparse, ops, backends  # noqa: E402

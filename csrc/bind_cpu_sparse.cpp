@@ -1,0 +1,235 @@
+// pybind11 registration of the block-sparse CPU kernels (csrc/cpu/bsr_kernels.h).
+//
+// Arguments arrive as NumPy views of CPU tensors (torch.Tensor.numpy(): zero copy); outputs are
+// allocated by the caller. Everything a kernel trusts is checked here first: dtypes (one float type
+// per call, int64 tables), C-contiguity, shapes, and the look-up tables' contents (O(nnzb), so a
+// corrupt plan raises instead of reading out of bounds). The GIL is released around the kernels.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <string>
+#include <vector>
+
+#include "bind.h"
+#include "cpu/bsr_kernels.h"
+
+namespace py = pybind11;
+
+namespace jsp_fast {
+namespace {
+
+using cpu::bsr::Act;
+using cpu::bsr::Layout;
+
+[[noreturn]] void fail(const std::string& msg) { throw py::value_error("jsp_fast._C: " + msg); }
+
+std::string shape_str(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + "]";
+}
+
+py::array as_array(const py::handle& obj, const char* what) {
+  if (!py::isinstance<py::array>(obj)) fail(std::string(what) + " must be a NumPy array (a CPU tensor's .numpy())");
+  return py::reinterpret_borrow<py::array>(obj);
+}
+
+// Checks dtype, contiguity, writeability and shape (-1 = any) and returns the array.
+template <typename T>
+py::array checked(const py::handle& obj, std::vector<int64_t> shape, const char* what, bool writeable = false) {
+  auto a = as_array(obj, what);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    fail(std::string(what) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
+         std::string(py::str(py::dtype::of<T>())));
+  if (!(a.flags() & py::array::c_style)) fail(std::string(what) + " must be C-contiguous");
+  if (writeable && !a.writeable()) fail(std::string(what) + " must be writeable");
+  if (a.ndim() != py::ssize_t(shape.size()))
+    fail(std::string(what) + " must have " + std::to_string(shape.size()) + " dims, got shape " + shape_str(a));
+  for (size_t i = 0; i < shape.size(); ++i)
+    if (shape[i] >= 0 && a.shape(py::ssize_t(i)) != shape[i])
+      fail(std::string(what) + " has shape " + shape_str(a) + ": dim " + std::to_string(i) + " should be " +
+           std::to_string(shape[i]));
+  return a;
+}
+
+const int64_t* idx(const py::handle& obj, int64_t len, const char* what) {
+  return static_cast<const int64_t*>(checked<int64_t>(obj, {len}, what).data());
+}
+
+// Holds the index arrays alive (they are borrowed from the caller) and the validated Layout.
+struct Plan {
+  Layout lay;
+  py::array keep[6];
+};
+
+Plan make_plan(const py::array& values, py::handle row_ptr, py::handle col_idx, py::handle block_row,
+               py::handle col_ptr, py::handle row_idx, py::handle perm, int64_t n, int64_t k) {
+  if (values.ndim() != 3) fail("values must be [nnzb, bm, bk], got shape " + shape_str(values));
+  Plan p;
+  Layout& L = p.lay;
+  L.nnzb = values.shape(0);
+  L.bm = values.shape(1);
+  L.bk = values.shape(2);
+  L.n = n;
+  L.k = k;
+  if (L.bm <= 0 || L.bk <= 0) fail("block dims must be positive");
+  if (n <= 0 || k <= 0 || n % L.bm || k % L.bk)
+    fail("weight shape [" + std::to_string(n) + ", " + std::to_string(k) + "] is not a multiple of the block [" +
+         std::to_string(L.bm) + ", " + std::to_string(L.bk) + "]");
+  const int64_t nbr = n / L.bm, nbc = k / L.bk, nnzb = L.nnzb;
+  L.row_ptr = idx(row_ptr, nbr + 1, "row_ptr");
+  L.col_idx = idx(col_idx, nnzb, "col_idx");
+  L.block_row = idx(block_row, nnzb, "block_row");
+  L.col_ptr = idx(col_ptr, nbc + 1, "col_ptr");
+  L.row_idx = idx(row_idx, nnzb, "row_idx");
+  L.perm = idx(perm, nnzb, "perm");
+  if (L.row_ptr[0] != 0 || L.row_ptr[nbr] != nnzb || L.col_ptr[0] != 0 || L.col_ptr[nbc] != nnzb)
+    fail("row_ptr/col_ptr must start at 0 and end at nnzb");
+  for (int64_t i = 0; i < nbr; ++i) {
+    if (L.row_ptr[i + 1] < L.row_ptr[i]) fail("row_ptr must be non-decreasing");
+    for (int64_t e = L.row_ptr[i]; e < L.row_ptr[i + 1]; ++e)
+      if (L.col_idx[e] < 0 || L.col_idx[e] >= nbc || L.block_row[e] != i) fail("col_idx/block_row out of range");
+  }
+  for (int64_t i = 0; i < nbc; ++i) {
+    if (L.col_ptr[i + 1] < L.col_ptr[i]) fail("col_ptr must be non-decreasing");
+    for (int64_t e = L.col_ptr[i]; e < L.col_ptr[i + 1]; ++e)
+      if (L.row_idx[e] < 0 || L.row_idx[e] >= nbr || L.perm[e] < 0 || L.perm[e] >= nnzb)
+        fail("row_idx/perm out of range");
+  }
+  p.keep[0] = py::reinterpret_borrow<py::array>(row_ptr);
+  p.keep[1] = py::reinterpret_borrow<py::array>(col_idx);
+  p.keep[2] = py::reinterpret_borrow<py::array>(block_row);
+  p.keep[3] = py::reinterpret_borrow<py::array>(col_ptr);
+  p.keep[4] = py::reinterpret_borrow<py::array>(row_idx);
+  p.keep[5] = py::reinterpret_borrow<py::array>(perm);
+  return p;
+}
+
+Act to_act(int act) {
+  if (act < 0 || act > 5) fail("act must be in 0..5 (none, tanh, softplus, elu, relu, sigmoid)");
+  return Act(act);
+}
+
+template <typename T>
+const T* opt_vec(py::handle obj, int64_t n, const char* what) {
+  if (obj.is_none()) return nullptr;
+  return static_cast<const T*>(checked<T>(obj, {n}, what).data());
+}
+
+// Dispatches on the values' dtype: fp32 and fp64 only.
+template <typename F>
+void by_dtype(const py::array& values, F&& f) {
+  if (values.dtype().is(py::dtype::of<float>())) {
+    f(float{});
+  } else if (values.dtype().is(py::dtype::of<double>())) {
+    f(double{});
+  } else {
+    fail("values has dtype " + std::string(py::str(values.dtype())) + "; the CPU kernels support float32 and float64");
+  }
+}
+
+#define JSP_PLAN_ARGS                                                                                    \
+  py::handle values, py::handle row_ptr, py::handle col_idx, py::handle block_row, py::handle col_ptr, \
+      py::handle row_idx, py::handle perm, int64_t n, int64_t k
+#define JSP_PLAN_PYARGS                                                                               \
+  py::arg("values"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("block_row"), py::arg("col_ptr"), \
+      py::arg("row_idx"), py::arg("perm"), py::arg("n"), py::arg("k")
+
+void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int act, py::handle y, int num_threads) {
+  auto va = as_array(values, "values");
+  by_dtype(va, [&](auto tag) {
+    using T = decltype(tag);
+    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
+    checked<T>(va, {-1, -1, -1}, "values");
+    auto xa = checked<T>(x, {-1, k}, "x");
+    const int64_t B = xa.shape(0);
+    auto ya = checked<T>(y, {B, n}, "y", true);
+    const T* sp = opt_vec<T>(scale, n, "scale");
+    const T* bp = opt_vec<T>(bias, n, "bias");
+    const Act a = to_act(act);
+    const T* vp = static_cast<const T*>(va.data());
+    const T* xp = static_cast<const T*>(xa.data());
+    T* yp = static_cast<T*>(ya.mutable_data());
+    py::gil_scoped_release release;
+    cpu::bsr::fwd<T>(p.lay, vp, xp, B, sp, bp, a, yp, num_threads);
+  });
+}
+
+void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py::handle bias, int act, py::handle y,
+            py::handle y_dot, int num_threads) {
+  auto va = as_array(values, "values");
+  by_dtype(va, [&](auto tag) {
+    using T = decltype(tag);
+    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
+    checked<T>(va, {-1, -1, -1}, "values");
+    auto xa = checked<T>(x, {-1, k}, "x");
+    const int64_t B = xa.shape(0);
+    auto xda = checked<T>(x_dot, {-1, B, k}, "x_dot");
+    const int64_t ntan = xda.shape(0);
+    auto ya = checked<T>(y, {B, n}, "y", true);
+    auto yda = checked<T>(y_dot, {ntan, B, n}, "y_dot", true);
+    const T* sp = opt_vec<T>(scale, n, "scale");
+    const T* bp = opt_vec<T>(bias, n, "bias");
+    const Act a = to_act(act);
+    const T* vp = static_cast<const T*>(va.data());
+    const T* xp = static_cast<const T*>(xa.data());
+    const T* xdp = static_cast<const T*>(xda.data());
+    T* yp = static_cast<T*>(ya.mutable_data());
+    T* ydp = static_cast<T*>(yda.mutable_data());
+    py::gil_scoped_release release;
+    cpu::bsr::jvp<T>(p.lay, vp, xp, xdp, ntan, B, sp, bp, a, yp, ydp, num_threads);
+  });
+}
+
+void py_t_matmul(JSP_PLAN_ARGS, py::handle g, py::handle gx, int num_threads) {
+  auto va = as_array(values, "values");
+  by_dtype(va, [&](auto tag) {
+    using T = decltype(tag);
+    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
+    checked<T>(va, {-1, -1, -1}, "values");
+    auto ga = checked<T>(g, {-1, n}, "g");
+    const int64_t B = ga.shape(0);
+    auto gxa = checked<T>(gx, {B, k}, "gx", true);
+    const T* vp = static_cast<const T*>(va.data());
+    const T* gp = static_cast<const T*>(ga.data());
+    T* op = static_cast<T*>(gxa.mutable_data());
+    py::gil_scoped_release release;
+    cpu::bsr::t_matmul<T>(p.lay, vp, gp, B, op, num_threads);
+  });
+}
+
+// values is only read for its dtype and block shape here (the gradient does not depend on it).
+void py_weight_grad(JSP_PLAN_ARGS, py::handle g, py::handle x, py::handle gv, int num_threads) {
+  auto va = as_array(values, "values");
+  by_dtype(va, [&](auto tag) {
+    using T = decltype(tag);
+    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
+    auto ga = checked<T>(g, {-1, n}, "g");
+    const int64_t B = ga.shape(0);
+    auto xa = checked<T>(x, {B, k}, "x");
+    auto gva = checked<T>(gv, {p.lay.nnzb, p.lay.bm, p.lay.bk}, "gv", true);
+    const T* gp = static_cast<const T*>(ga.data());
+    const T* xp = static_cast<const T*>(xa.data());
+    T* op = static_cast<T*>(gva.mutable_data());
+    py::gil_scoped_release release;
+    cpu::bsr::weight_grad<T>(p.lay, gp, xp, B, op, num_threads);
+  });
+}
+
+}  // namespace
+
+void bind_cpu_sparse(py::module_& m) {
+  m.attr("bsr_rows_per_tile") = cpu::bsr::kRows;
+  m.def("bsr_fwd", &py_fwd, JSP_PLAN_PYARGS, py::arg("x"), py::arg("scale"), py::arg("bias"), py::arg("act"),
+        py::arg("y"), py::arg("num_threads") = 0,
+        "y[B, n] = act(scale * (x W^T) + bias) for a block-sparse W (writes y).");
+  m.def("bsr_jvp", &py_jvp, JSP_PLAN_PYARGS, py::arg("x"), py::arg("x_dot"), py::arg("scale"), py::arg("bias"),
+        py::arg("act"), py::arg("y"), py::arg("y_dot"), py::arg("num_threads") = 0,
+        "Value and T tangents in one pass over the weights (writes y [B, n], y_dot [T, B, n]).");
+  m.def("bsr_t_matmul", &py_t_matmul, JSP_PLAN_PYARGS, py::arg("g"), py::arg("gx"), py::arg("num_threads") = 0,
+        "gx[B, k] = g W (input gradient; reads the transposed table).");
+  m.def("bsr_weight_grad", &py_weight_grad, JSP_PLAN_PYARGS, py::arg("g"), py::arg("x"), py::arg("gv"),
+        py::arg("num_threads") = 0, "gv[nnzb, bm, bk] = g^T x on the kept blocks only.");
+}
+
+}  // namespace jsp_fast

@@ -1,0 +1,513 @@
+// Block-sparse CPU kernels: see bsr_kernels.h for the math, the layouts and the scheme.
+#include "cpu/bsr_kernels.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#ifdef JSP_FAST_OPENMP
+#include <omp.h>
+#endif
+
+namespace jsp_fast {
+namespace cpu {
+namespace bsr {
+
+namespace {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+// 64-byte aligned scratch; contents undefined.
+template <typename T>
+class Buf {
+ public:
+  explicit Buf(int64_t n = 0) { resize(n); }
+  void resize(int64_t n) {
+    if (n <= cap_) return;
+    const size_t bytes = ((size_t(n) * sizeof(T) + 63) / 64) * 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    ptr_.reset(static_cast<T*>(p));
+    cap_ = n;
+  }
+  T* data() { return ptr_.get(); }
+  const T* data() const { return ptr_.get(); }
+
+ private:
+  std::unique_ptr<T[], FreeDeleter> ptr_;
+  int64_t cap_ = 0;
+};
+
+constexpr int64_t kSerialWork = int64_t(1) << 17;
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+inline int resolve_threads(int num_threads) {
+#ifdef JSP_FAST_OPENMP
+  return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+  (void)num_threads;
+  return 1;
+#endif
+}
+
+// The product both fwd/jvp (over block rows) and t_matmul (over block columns) run: for each output
+// block `ob`, the entries ptr[ob]..ptr[ob+1] name a packed weight block ([red][owp], entry order)
+// and the reduction-dim block it multiplies (ridx). G groups of B input rows (value rows, tangent
+// rows) share every weight block while it is in L1.
+template <typename T>
+struct Product {
+  int64_t nob = 0;       // output blocks
+  int64_t ow = 0;        // output block width (unpadded)
+  int64_t owp = 0;       // padded to the vector width
+  int64_t red = 0;       // reduction length of one block
+  int64_t kx = 0;        // width of an input row
+  int64_t ny = 0;        // width of an output row
+  const int64_t* ptr = nullptr;
+  const int64_t* ridx = nullptr;
+  const T* pw = nullptr;  // packed weights, entry e at pw + e * red * owp
+};
+
+// Epilogue interface: operator()(group, row0 in the tile, nvalid rows, ob, sub offset, NV acc).
+template <typename T, int NV, typename Epi>
+inline void run_panel(const Product<T>& P, const T* xpanel, int64_t ob, int64_t sub,
+                      typename simd::Vec<T>::type (&acc)[kRows][NV]) {
+  using V = typename simd::Vec<T>::type;
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t e = P.ptr[ob]; e < P.ptr[ob + 1]; ++e)
+    micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red * kRows, P.pw + e * P.red * P.owp + sub,
+                                   P.red, P.owp, acc);
+}
+
+// One tile: `xp` holds G groups of npan panels ([kx][R] each) for tile rows [b0, b0 + nb).
+template <typename T, typename Epi>
+void tile_block(const Product<T>& P, const T* xp, int64_t npan, int64_t G, int64_t b0, int64_t nb,
+                int64_t ob, Epi& epi) {
+  constexpr int L = simd::Vec<T>::L;
+  const int64_t panel = P.kx * kRows;
+  for (int64_t sub = 0; sub < P.owp; sub += kMaxNV * L) {
+    const int nv = int(std::min<int64_t>(kMaxNV, (P.owp - sub) / L));
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t p = 0; p < npan; ++p) {
+        const T* xpanel = xp + (g * npan + p) * panel;
+        const int64_t r0 = p * kRows;
+        const int64_t nvalid = std::min<int64_t>(kRows, nb - r0);
+        if (nv == 2) {
+          typename simd::Vec<T>::type acc[kRows][2];
+          run_panel<T, 2, Epi>(P, xpanel, ob, sub, acc);
+          epi.template apply<2>(g, b0 + r0, nvalid, ob, sub, acc);
+        } else {
+          typename simd::Vec<T>::type acc[kRows][1];
+          run_panel<T, 1, Epi>(P, xpanel, ob, sub, acc);
+          epi.template apply<1>(g, b0 + r0, nvalid, ob, sub, acc);
+        }
+      }
+    }
+  }
+}
+
+// Rows per batch tile: the packed tile (G groups) near 256 KiB so it stays in L2 across all output
+// blocks, at least one register tile, at most 16.
+template <typename T>
+int64_t tile_rows(int64_t kx, int64_t G) {
+  const int64_t budget = int64_t(256 * 1024) / (std::max<int64_t>(kx, 1) * G * int64_t(sizeof(T)));
+  return std::max<int64_t>(1, std::min<int64_t>(16, budget / kRows)) * kRows;
+}
+
+// Runs the product over the whole batch. groups[g] is the g-th group's input [B, kx].
+// Large batches: threads take whole tiles (pack the tile once, reuse it for every output block).
+// Small batches (fewer tiles than 2 per thread): everything is packed first, then threads share
+// (tile, output block) pairs so the block rows still spread over the cores.
+template <typename T, typename Epi>
+void run_product(const Product<T>& P, const T* const* groups, int64_t G, int64_t B, Epi& proto,
+                 int num_threads) {
+  if (B <= 0) return;
+  // Below ~1e5 multiply-adds a parallel region costs more than it saves (and far more when the cores
+  // are shared), so tiny calls - gradchecks, narrow layers at small batch - stay on one thread.
+  const double work = double(B) * double(G) * double(P.ptr[P.nob]) * double(P.red) * double(P.ow);
+  const int nt = work < double(kSerialWork) ? 1 : resolve_threads(num_threads);
+  int64_t TB = tile_rows<T>(P.kx, G);
+  const int64_t ntiles_big = (B + TB - 1) / TB;
+  const bool small = ntiles_big < 2 * nt;
+  if (small) {
+    TB = std::min<int64_t>(TB, round_up(B, kRows));
+    // Shrink tiles until every thread has work, keeping at least one register tile.
+    while (TB > kRows && (B + TB - 1) / TB * P.nob < 4 * nt) TB -= kRows;
+  }
+  const int64_t ntiles = (B + TB - 1) / TB;
+  const int64_t npan = TB / kRows;
+  const int64_t tile_elems = G * npan * P.kx * kRows;
+  if (!small) {
+#ifdef JSP_FAST_OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+      Buf<T> xp(tile_elems);
+      Epi epi = proto;
+      epi.init_thread(TB);
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
+        for (int64_t g = 0; g < G; ++g)
+          pack_rows<T>(groups[g] + b0 * P.kx, P.kx, nb, xp.data() + g * npan * P.kx * kRows);
+        for (int64_t ob = 0; ob < P.nob; ++ob) tile_block<T, Epi>(P, xp.data(), npan, G, b0, nb, ob, epi);
+      }
+    }
+  } else {
+    Buf<T> all(ntiles * tile_elems);
+#ifdef JSP_FAST_OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+    {
+      Epi epi = proto;
+      epi.init_thread(TB);
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t tg = 0; tg < ntiles * G; ++tg) {
+        const int64_t t = tg / G, g = tg % G;
+        const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
+        pack_rows<T>(groups[g] + b0 * P.kx, P.kx, nb, all.data() + t * tile_elems + g * npan * P.kx * kRows);
+      }
+      // (the implicit barrier of the loop above orders packing before use)
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t to = 0; to < ntiles * P.nob; ++to) {
+        const int64_t t = to / P.nob, ob = to % P.nob;
+        const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
+        tile_block<T, Epi>(P, all.data() + t * tile_elems, npan, G, b0, nb, ob, epi);
+      }
+    }
+  }
+}
+
+// Stores NV vectors of row r at out + col (valid lanes only when the block width is not a multiple
+// of the vector width).
+template <typename T>
+inline void store_lanes(T* out, typename simd::Vec<T>::type v, int64_t lanes) {
+  constexpr int L = simd::Vec<T>::L;
+  if (lanes >= L) {
+    simd::store<T>(out, v);
+  } else {
+    for (int64_t i = 0; i < lanes; ++i) out[i] = v[i];
+  }
+}
+
+// scale/bias padded per output block to owp lanes (zeros in the padding), so the epilogue loads
+// whole vectors. null -> ones / zeros.
+template <typename T>
+std::vector<T> pad_vec(const T* src, int64_t nob, int64_t ow, int64_t owp, T dflt) {
+  std::vector<T> out(size_t(nob * owp + 64), T(0));
+  for (int64_t ob = 0; ob < nob; ++ob)
+    for (int64_t i = 0; i < ow; ++i) out[ob * owp + i] = src ? src[ob * ow + i] : dflt;
+  return out;
+}
+
+// fwd/jvp epilogue: value rows -> act(acc * scale + bias) (and act' * scale into a per-thread
+// buffer when tangents follow); tangent rows -> acc * (act' * scale).
+template <typename T>
+struct ActEpi {
+  using V = typename simd::Vec<T>::type;
+  static constexpr int L = simd::Vec<T>::L;
+  const T* scale = nullptr;  // padded [nob * owp]
+  const T* bias = nullptr;
+  Act act = Act::None;
+  bool tangents = false;
+  int64_t ow = 0, owp = 0, ny = 0, B = 0;
+  T* y = nullptr;
+  T* y_dot = nullptr;  // [T, B, ny]
+  std::shared_ptr<Buf<T>> dbuf;  // per thread [TB][kMaxNV * L]: act' * scale of the tile's value rows
+  int64_t tile_rows_ = 0;
+
+  void init_thread(int64_t TB) {
+    tile_rows_ = TB;
+    if (tangents) dbuf = std::make_shared<Buf<T>>(TB * kMaxNV * L);
+  }
+  // Tiles start at multiples of TB, and within one (tile, ob, sub) the value rows run before the
+  // tangent rows on the same thread, so the buffer only needs the current tile.
+  inline int64_t row_in_tile(int64_t row0) const { return row0 % tile_rows_; }
+
+  template <int NV>
+  inline void apply(int64_t g, int64_t row0, int64_t nvalid, int64_t ob, int64_t sub, V (&acc)[kRows][NV]) {
+    const int64_t col = ob * ow + sub;
+    const int64_t lanes_left = ow - sub;
+    if (g == 0) {
+      V s[NV], b[NV];
+      for (int v = 0; v < NV; ++v) {
+        s[v] = simd::load<T>(scale + ob * owp + sub + v * L);
+        b[v] = simd::load<T>(bias + ob * owp + sub + v * L);
+      }
+      for (int r = 0; r < kRows; ++r) {
+        if (r >= nvalid && !tangents) break;
+        T* out = y + (row0 + r) * ny + col;
+        for (int v = 0; v < NV; ++v) {
+          const V pre = acc[r][v] * s[v] + b[v];
+          if (tangents) {
+            V d;
+            const V yy = simd::VecAct<T>::yd(act, pre, d);
+            simd::store<T>(dbuf->data() + (row_in_tile(row0) + r) * (kMaxNV * L) + v * L, d * s[v]);
+            if (r < nvalid) store_lanes<T>(out + v * L, yy, lanes_left - v * L);
+          } else {
+            store_lanes<T>(out + v * L, simd::VecAct<T>::y(act, pre), lanes_left - v * L);
+          }
+        }
+      }
+    } else {
+      T* base = y_dot + (g - 1) * B * ny;
+      for (int r = 0; r < nvalid; ++r) {
+        T* out = base + (row0 + r) * ny + col;
+        const T* d = dbuf->data() + (row_in_tile(row0) + r) * (kMaxNV * L);
+        for (int v = 0; v < NV; ++v) store_lanes<T>(out + v * L, acc[r][v] * simd::load<T>(d + v * L), lanes_left - v * L);
+      }
+    }
+  }
+};
+
+// t_matmul epilogue: plain store.
+template <typename T>
+struct StoreEpi {
+  using V = typename simd::Vec<T>::type;
+  static constexpr int L = simd::Vec<T>::L;
+  int64_t ow = 0, ny = 0;
+  T* out = nullptr;
+  void init_thread(int64_t) {}
+  template <int NV>
+  inline void apply(int64_t, int64_t row0, int64_t nvalid, int64_t ob, int64_t sub, V (&acc)[kRows][NV]) {
+    const int64_t col = ob * ow + sub;
+    for (int r = 0; r < nvalid; ++r)
+      for (int v = 0; v < NV; ++v) store_lanes<T>(out + (row0 + r) * ny + col + v * L, acc[r][v], ow - sub - v * L);
+  }
+};
+
+template <typename T>
+void fwd_impl(const Layout& lay, const T* values, const T* x, const T* x_dot, int64_t ntan, int64_t B,
+              const T* scale, const T* bias, Act act, T* y, T* y_dot, int num_threads) {
+  constexpr int L = simd::Vec<T>::L;
+  const int64_t bm = lay.bm, bk = lay.bk, owp = round_up(bm, L);
+  // Blocks transposed to [bk][owp]: output index contiguous for the broadcast-FMA.
+  Buf<T> pw(std::max<int64_t>(1, lay.nnzb * bk * owp));
+  for (int64_t e = 0; e < lay.nnzb; ++e) {
+    T* dst = pw.data() + e * bk * owp;
+    const T* src = values + e * bm * bk;
+    for (int64_t kk = 0; kk < bk; ++kk) {
+      for (int64_t o = 0; o < bm; ++o) dst[kk * owp + o] = src[o * bk + kk];
+      for (int64_t o = bm; o < owp; ++o) dst[kk * owp + o] = T(0);
+    }
+  }
+  Product<T> P;
+  P.nob = lay.n_brows();
+  P.ow = bm;
+  P.owp = owp;
+  P.red = bk;
+  P.kx = lay.k;
+  P.ny = lay.n;
+  P.ptr = lay.row_ptr;
+  P.ridx = lay.col_idx;
+  P.pw = pw.data();
+  const auto sc = pad_vec<T>(scale, P.nob, bm, owp, T(1));
+  const auto bi = pad_vec<T>(bias, P.nob, bm, owp, T(0));
+  ActEpi<T> epi;
+  epi.scale = sc.data();
+  epi.bias = bi.data();
+  epi.act = act;
+  epi.tangents = ntan > 0;
+  epi.ow = bm;
+  epi.owp = owp;
+  epi.ny = lay.n;
+  epi.B = B;
+  epi.y = y;
+  epi.y_dot = y_dot;
+  const int64_t G = 1 + ntan;
+  std::vector<const T*> groups(static_cast<size_t>(G));
+  groups[0] = x;
+  for (int64_t t = 0; t < ntan; ++t) groups[size_t(t + 1)] = x_dot + t * B * lay.k;
+  run_product<T, ActEpi<T>>(P, groups.data(), G, B, epi, num_threads);
+}
+
+}  // namespace
+
+template <typename T>
+void pack_rows(const T* src, int64_t ld, int64_t nrows, T* dst) {
+  const int64_t npan = (nrows + kRows - 1) / kRows;
+  for (int64_t p = 0; p < npan; ++p) {
+    T* d = dst + p * ld * kRows;
+    const int64_t r0 = p * kRows;
+    const int64_t nr = std::min<int64_t>(kRows, nrows - r0);
+    if (nr == kRows) {
+      const T* s[kRows];
+      for (int r = 0; r < kRows; ++r) s[r] = src + (r0 + r) * ld;
+      for (int64_t c = 0; c < ld; ++c)
+#pragma GCC unroll 16
+        for (int r = 0; r < kRows; ++r) d[c * kRows + r] = s[r][c];
+    } else {
+      for (int64_t c = 0; c < ld; ++c)
+        for (int r = 0; r < kRows; ++r) d[c * kRows + r] = r < nr ? src[(r0 + r) * ld + c] : T(0);
+    }
+  }
+}
+
+template <typename T>
+void fwd(const Layout& lay, const T* values, const T* x, int64_t B, const T* scale, const T* bias, Act act,
+         T* y, int num_threads) {
+  fwd_impl<T>(lay, values, x, nullptr, 0, B, scale, bias, act, y, nullptr, num_threads);
+}
+
+template <typename T>
+void jvp(const Layout& lay, const T* values, const T* x, const T* x_dot, int64_t ntan, int64_t B, const T* scale,
+         const T* bias, Act act, T* y, T* y_dot, int num_threads) {
+  fwd_impl<T>(lay, values, x, x_dot, ntan, B, scale, bias, act, y, y_dot, num_threads);
+}
+
+template <typename T>
+void t_matmul(const Layout& lay, const T* values, const T* g, int64_t B, T* gx, int num_threads) {
+  constexpr int L = simd::Vec<T>::L;
+  const int64_t bm = lay.bm, bk = lay.bk, owp = round_up(bk, L);
+  // Blocks in column order, natural [bm][bk] layout padded to [bm][owp]: gx's index contiguous.
+  Buf<T> pw(std::max<int64_t>(1, lay.nnzb * bm * owp));
+  for (int64_t e = 0; e < lay.nnzb; ++e) {
+    T* dst = pw.data() + e * bm * owp;
+    const T* src = values + lay.perm[e] * bm * bk;
+    for (int64_t o = 0; o < bm; ++o) {
+      std::memcpy(dst + o * owp, src + o * bk, size_t(bk) * sizeof(T));
+      for (int64_t kk = bk; kk < owp; ++kk) dst[o * owp + kk] = T(0);
+    }
+  }
+  Product<T> P;
+  P.nob = lay.n_bcols();
+  P.ow = bk;
+  P.owp = owp;
+  P.red = bm;
+  P.kx = lay.n;
+  P.ny = lay.k;
+  P.ptr = lay.col_ptr;
+  P.ridx = lay.row_idx;
+  P.pw = pw.data();
+  StoreEpi<T> epi;
+  epi.ow = bk;
+  epi.ny = lay.k;
+  epi.out = gx;
+  const T* groups[1] = {g};
+  run_product<T, StoreEpi<T>>(P, groups, 1, B, epi, num_threads);
+}
+
+template <typename T>
+void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int L = simd::Vec<T>::L;
+  const int64_t bm = lay.bm, bk = lay.bk, n = lay.n, k = lay.k;
+  const int64_t nnzb = lay.nnzb;
+  if (nnzb == 0) return;
+  if (B <= 0) {
+    std::memset(gv, 0, size_t(nnzb * bm * bk) * sizeof(T));
+    return;
+  }
+  const double work = double(B) * double(nnzb) * double(bm) * double(bk);
+  const int nt = work < double(kSerialWork) ? 1 : resolve_threads(num_threads);
+  // The reduction runs over the batch in chunks; per chunk, g is packed per block row into panels of
+  // R of its bm columns ([chunk][R], so the R broadcasts are one line) and x into block columns padded
+  // to the vector width ([chunk][k_pad]); each thread owns a fixed set of blocks (static schedule) and
+  // accumulates their gradient across chunks, so the partial sums stay in its cache.
+  const int64_t opan = (bm + kRows - 1) / kRows;  // R-row panels per block row
+  const int64_t bkp = round_up(bk, L);
+  const int64_t kp = lay.n_bcols() * bkp;
+  const int64_t nbr = lay.n_brows();
+  const int64_t chunk = std::max<int64_t>(kRows, std::min<int64_t>(B, 256));
+  Buf<T> gp(nbr * opan * chunk * kRows);
+  Buf<T> xq(chunk * kp);
+#ifdef JSP_FAST_OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+      const int64_t nc = std::min(chunk, B - c0);
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t rp = 0; rp < nbr * opan; ++rp) {
+        const int64_t rb = rp / opan, p = rp % opan;
+        const int64_t o0 = rb * bm + p * kRows;
+        const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
+        T* d = gp.data() + rp * chunk * kRows;
+        for (int64_t b = 0; b < nc; ++b)
+          for (int r = 0; r < kRows; ++r) d[b * kRows + r] = r < no ? g[(c0 + b) * n + o0 + r] : T(0);
+      }
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t b = 0; b < nc; ++b) {
+        T* d = xq.data() + b * kp;
+        const T* s = x + (c0 + b) * k;
+        for (int64_t cb = 0; cb < lay.n_bcols(); ++cb) {
+          std::memcpy(d + cb * bkp, s + cb * bk, size_t(bk) * sizeof(T));
+          for (int64_t kk = bk; kk < bkp; ++kk) d[cb * bkp + kk] = T(0);
+        }
+      }
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(static)
+#endif
+      for (int64_t j = 0; j < nnzb; ++j) {
+        const int64_t rb = lay.block_row[j], cb = lay.col_idx[j];
+        T* out = gv + j * bm * bk;
+        for (int64_t p = 0; p < opan; ++p) {
+          const T* gpan = gp.data() + (rb * opan + p) * chunk * kRows;
+          const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
+          for (int64_t sub = 0; sub < bkp; sub += kMaxNV * L) {
+            const T* xs = xq.data() + cb * bkp + sub;
+            auto finish = [&](auto& acc, int nv) {
+              for (int r = 0; r < no; ++r)
+                for (int v = 0; v < nv; ++v) {
+                  T* o = out + (p * kRows + r) * bk + sub + v * L;
+                  const int64_t lanes = bk - sub - v * L;
+                  V a = acc[r][v];
+                  if (c0 > 0) {
+                    if (lanes >= L) {
+                      a += simd::load<T>(o);
+                    } else {
+                      for (int64_t i = 0; i < lanes; ++i) a[i] += o[i];
+                    }
+                  }
+                  store_lanes<T>(o, a, lanes);
+                }
+            };
+            if ((bkp - sub) / L >= 2) {
+              V acc[kRows][2];
+              for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = V{};
+              micro_accumulate<T, kRows, 2>(gpan, xs, nc, kp, acc);
+              finish(acc, 2);
+            } else {
+              V acc[kRows][1];
+              for (int r = 0; r < kRows; ++r) acc[r][0] = V{};
+              micro_accumulate<T, kRows, 1>(gpan, xs, nc, kp, acc);
+              finish(acc, 1);
+            }
+          }
+        }
+      }
+      // (implicit barrier: the next chunk's packing must wait for every block of this one)
+    }
+  }
+}
+
+#define JSP_BSR_INSTANTIATE(T)                                                                         \
+  template void pack_rows<T>(const T*, int64_t, int64_t, T*);                                          \
+  template void fwd<T>(const Layout&, const T*, const T*, int64_t, const T*, const T*, Act, T*, int); \
+  template void jvp<T>(const Layout&, const T*, const T*, const T*, int64_t, int64_t, const T*,       \
+                       const T*, Act, T*, T*, int);                                                   \
+  template void t_matmul<T>(const Layout&, const T*, const T*, int64_t, T*, int);                     \
+  template void weight_grad<T>(const Layout&, const T*, const T*, int64_t, T*, int);
+
+JSP_BSR_INSTANTIATE(float)
+JSP_BSR_INSTANTIATE(double)
+
+}  // namespace bsr
+}  // namespace cpu
+}  // namespace jsp_fast

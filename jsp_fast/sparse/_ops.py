@@ -1,0 +1,295 @@
+"""``jf.ops.bsr_linear`` / ``bsr_linear_jvp``: torch.library custom ops with fake kernels and autograd.
+
+Four ops in the ``jsp_fast`` namespace, one per primitive, each taking the weight as its values plus
+the six look-up tables (so ``torch.compile``/``opcheck`` see plain tensors) and the backend's name:
+
+    jsp_fast::bsr_fwd(x, values, *tables, scale?, bias?, act, backend)            -> y
+    jsp_fast::bsr_jvp(x, x_dot, values, *tables, scale?, bias?, act, backend)     -> (y, y_dot)
+    jsp_fast::bsr_t_matmul(g, values, *tables, backend)                           -> g W
+    jsp_fast::bsr_weight_grad(g, x, values_like, *tables, backend)                -> gᵀx on kept blocks
+
+Autograd: every backward is written with these same ops plus differentiable torch ops, so it is
+itself differentiable (double backward, needed because CNF training differentiates through the
+trace). The products are bilinear: d(g W)/dg = fwd, d(g W)/dW = weight_grad, d(gᵀx)/dg = fwd,
+d(gᵀx)/dx = t_matmul. The activation's derivative is taken from the saved output y (see
+``dact_from_y``), so nothing but y is kept from the forward. The product ``x Wᵀ`` needed for the
+gradient of ``scale`` is recomputed in the backward (one forward's cost, only when scale needs grad).
+
+NaN policy: no check is made (it would cost a pass over the data). NaN/Inf in x, the weights, scale or
+bias propagate into the outputs they reach, as in the dense computation; one difference is that a
+non-finite x[b, j] may reach fewer outputs of row b than in the dense reference, because pruned
+blocks are skipped rather than multiplied by zero (0 · Inf = NaN in the dense product).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _backends as B
+from ._format import BlockSparseWeight, Plan
+
+
+def _plan(values: Tensor, tables) -> Plan:
+    row_ptr, col_idx, block_row, col_ptr, row_idx, perm = tables
+    bm, bk = int(values.shape[1]), int(values.shape[2])
+    return Plan((row_ptr.shape[0] - 1) * bm, (col_ptr.shape[0] - 1) * bk, bm, bk,
+                row_ptr, col_idx, block_row, col_ptr, row_idx, perm)
+
+
+def _impl(backend: str):
+    return B.get(backend).impl
+
+
+def _c(t):
+    # Backends get contiguous tensors; gradients arriving in backward often are not (expand, sum).
+    return None if t is None else t.contiguous()
+
+
+# ---- the ops --------------------------------------------------------------------------------------
+@torch.library.custom_op("jsp_fast::bsr_fwd", mutates_args=())
+def bsr_fwd(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor, col_ptr: Tensor,
+            row_idx: Tensor, perm: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], act: str,
+            backend: str) -> Tensor:
+    tables = (row_ptr, col_idx, block_row, col_ptr, row_idx, perm)
+    return _impl(backend).fwd(_c(x), _c(values), _plan(values, tables), _c(scale), _c(bias), act)
+
+
+@bsr_fwd.register_fake
+def _(x, values, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, scale, bias, act, backend):
+    return x.new_empty(x.shape[0], (row_ptr.shape[0] - 1) * values.shape[1])
+
+
+@torch.library.custom_op("jsp_fast::bsr_jvp", mutates_args=())
+def bsr_jvp(x: Tensor, x_dot: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
+            col_ptr: Tensor, row_idx: Tensor, perm: Tensor, scale: Optional[Tensor], bias: Optional[Tensor],
+            act: str, backend: str) -> tuple[Tensor, Tensor]:
+    tables = (row_ptr, col_idx, block_row, col_ptr, row_idx, perm)
+    return _impl(backend).jvp(_c(x), _c(x_dot), _c(values), _plan(values, tables), _c(scale), _c(bias), act)
+
+
+@bsr_jvp.register_fake
+def _(x, x_dot, values, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, scale, bias, act, backend):
+    n = (row_ptr.shape[0] - 1) * values.shape[1]
+    return x.new_empty(x.shape[0], n), x.new_empty(x_dot.shape[0], x.shape[0], n)
+
+
+@torch.library.custom_op("jsp_fast::bsr_t_matmul", mutates_args=())
+def bsr_t_matmul(g: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor, col_ptr: Tensor,
+                 row_idx: Tensor, perm: Tensor, backend: str) -> Tensor:
+    tables = (row_ptr, col_idx, block_row, col_ptr, row_idx, perm)
+    return _impl(backend).t_matmul(_c(g), _c(values), _plan(values, tables))
+
+
+@bsr_t_matmul.register_fake
+def _(g, values, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, backend):
+    return g.new_empty(g.shape[0], (col_ptr.shape[0] - 1) * values.shape[2])
+
+
+# `values_like` only carries the block shape (and dtype): the gradient does not depend on the values.
+@torch.library.custom_op("jsp_fast::bsr_weight_grad", mutates_args=())
+def bsr_weight_grad(g: Tensor, x: Tensor, values_like: Tensor, row_ptr: Tensor, col_idx: Tensor, block_row: Tensor,
+                    col_ptr: Tensor, row_idx: Tensor, perm: Tensor, backend: str) -> Tensor:
+    tables = (row_ptr, col_idx, block_row, col_ptr, row_idx, perm)
+    return _impl(backend).weight_grad(_c(g), _c(x), _plan(values_like, tables))
+
+
+@bsr_weight_grad.register_fake
+def _(g, x, values_like, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, backend):
+    return g.new_empty(values_like.shape)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+def _u(x, values, tables, backend):
+    """x Wᵀ without epilogue (differentiable)."""
+    return bsr_fwd(x, values, *tables, None, None, "none", backend)
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, values, *rest = inputs
+    tables, (scale, bias, act, backend) = tuple(rest[:6]), rest[6:]
+    ctx.act, ctx.backend = act, backend
+    ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
+    ctx.save_for_backward(x, values, scale, output, *tables)
+
+
+def _fwd_backward(ctx, gy):
+    x, values, scale, y, *tables = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    act, backend = ctx.act, ctx.backend
+    gpre = gy if act == "none" else gy * B.dact_from_y(act, y)
+    gu = gpre if scale is None else gpre * scale
+    gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
+    gv = bsr_weight_grad(gu, x, values, *tables, backend) if need[1] else None
+    gscale = (gpre * _u(x, values, tables, backend)).sum(0) if ctx.has_scale and need[8] else None
+    gbias = gpre.sum(0) if ctx.has_bias and need[9] else None
+    return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
+
+
+bsr_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _jvp_setup(ctx, inputs, output):
+    x, x_dot, values, *rest = inputs
+    tables, (scale, bias, act, backend) = tuple(rest[:6]), rest[6:]
+    ctx.act, ctx.backend = act, backend
+    ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
+    ctx.save_for_backward(x, x_dot, values, scale, output[0], *tables)
+
+
+def _jvp_backward(ctx, gy, gyd):
+    # y = act(pre), pre = s ⊙ u + b, u = x Wᵀ;  y_dot[t] = d(y) ⊙ s ⊙ ud[t], ud[t] = x_dot[t] Wᵀ.
+    x, x_dot, values, scale, y, *tables = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    act, backend = ctx.act, ctx.backend
+    T, Bn, K = x_dot.shape
+    gy = torch.zeros_like(y) if gy is None else gy
+    gyd = y.new_zeros(T, Bn, y.shape[1]) if gyd is None else gyd
+    d = B.dact_from_y(act, y)
+    s = scale if scale is not None else None
+    ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
+    gud = gyd * d if s is None else gyd * (d * s)  # grad w.r.t. ud[t]
+    gy_tot = gy
+    dd = B.ddact_dy(act, y)
+    if dd is not None:  # y_dot depends on y through d(y)
+        su = (gyd * ud).sum(0)
+        gy_tot = gy_tot + dd * (su if s is None else su * s)
+    gpre = gy_tot * d
+    gu = gpre if s is None else gpre * s
+    gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
+    gxd = bsr_t_matmul(gud.reshape(T * Bn, -1), values, *tables, backend).reshape(T, Bn, K) if need[1] else None
+    gv = None
+    if need[2]:
+        gv = bsr_weight_grad(torch.cat([gu, gud.reshape(T * Bn, -1)]), torch.cat([x, x_dot.reshape(T * Bn, K)]),
+                             values, *tables, backend)
+    gscale = None
+    if ctx.has_scale and need[9]:
+        gscale = (gpre * _u(x, values, tables, backend)).sum(0) + (gyd * d * ud).sum((0, 1))
+    gbias = gpre.sum(0) if ctx.has_bias and need[10] else None
+    return (gx, gxd, gv) + (None,) * 6 + (gscale, gbias, None, None)
+
+
+bsr_jvp.register_autograd(_jvp_backward, setup_context=_jvp_setup)
+
+
+def _tm_setup(ctx, inputs, output):
+    g, values, *rest = inputs
+    ctx.backend = rest[6]
+    ctx.save_for_backward(g, values, *rest[:6])
+
+
+def _tm_backward(ctx, gout):
+    g, values, *tables = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gg = _u(gout, values, tables, ctx.backend) if need[0] else None
+    gv = bsr_weight_grad(g, gout, values, *tables, ctx.backend) if need[1] else None
+    return (gg, gv) + (None,) * 7
+
+
+bsr_t_matmul.register_autograd(_tm_backward, setup_context=_tm_setup)
+
+
+def _wg_setup(ctx, inputs, output):
+    g, x, values_like, *rest = inputs
+    ctx.backend = rest[6]
+    ctx.save_for_backward(g, x, *rest[:6])
+
+
+def _wg_backward(ctx, gout):
+    g, x, *tables = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gout = gout.contiguous()
+    gg = _u(x, gout, tables, ctx.backend) if need[0] else None
+    gx = bsr_t_matmul(g, gout, *tables, ctx.backend) if need[1] else None
+    return (gg, gx) + (None,) * 8
+
+
+bsr_weight_grad.register_autograd(_wg_backward, setup_context=_wg_setup)
+
+
+# ---- public entry points --------------------------------------------------------------------------
+def _act_name(activation) -> str:
+    name = "none" if activation is None else str(activation).lower()
+    if name in ("identity", "linear"):
+        name = "none"
+    if name not in B.ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected None or one of {B.ACTIVATIONS}")
+    return name
+
+
+def _check_vec(v, name, w: BlockSparseWeight):
+    if v is None:
+        return None
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != w.shape[0]:
+        raise ValueError(f"{name} must be a vector of the {w.shape[0]} outputs, got shape {tuple(v.shape)}")
+    if v.dtype != w.dtype:
+        raise TypeError(f"{name} has dtype {v.dtype} but the weight is {w.dtype}")
+    if v.device != w.device:
+        raise ValueError(f"{name} is on {v.device} but the weight is on {w.device}")
+    return v.contiguous()
+
+
+def _check(x, w, scale, bias, what="x"):
+    if not isinstance(w, BlockSparseWeight):
+        raise TypeError(f"w must be a jsp_fast.sparse.BlockSparseWeight, got {type(w).__name__} "
+                        "(build one with BlockSparseWeight.from_dense(W, mask, block))")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{what} must be [..., {w.shape[1]}] for a weight of shape {list(w.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != w.dtype:
+        raise TypeError(f"{what} has dtype {x.dtype} but the weight is {w.dtype}; convert one of them "
+                        "(x.to(w.dtype) or w.to(x.dtype))")
+    if x.device != w.device:
+        raise ValueError(f"{what} is on {x.device} but the weight is on {w.device}")
+    return _check_vec(scale, "scale", w), _check_vec(bias, "bias", w)
+
+
+def bsr_linear(x: Tensor, w: BlockSparseWeight, scale: Tensor | None = None, bias: Tensor | None = None,
+               activation: str | None = None, backend: str = "auto") -> Tensor:
+    """``act(scale ⊙ (x Wᵀ) + bias)`` for a block-sparse ``W``; x ``[..., k]`` -> ``[..., n]``.
+
+    ``scale``/``bias``: ``[n]`` or None; activation: None/"none", "tanh", "softplus", "elu", "relu",
+    "sigmoid". Differentiable (twice) in x, the weight's values, scale and bias.
+    """
+    scale, bias = _check(x, w, scale, bias)
+    act = _act_name(activation)
+    name = B.resolve(backend, x.device, x.dtype, w.plan())
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, w.shape[1]).contiguous()
+    y = bsr_fwd(x2, w.values.contiguous(), *w.tables(), scale, bias, act, name)
+    return y.reshape(*lead, w.shape[0])
+
+
+def bsr_linear_jvp(x: Tensor, x_dot: Tensor, w: BlockSparseWeight, scale: Tensor | None = None,
+                   bias: Tensor | None = None, activation: str | None = None,
+                   backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Value and tangent(s) in one pass over the weights.
+
+    ``x`` ``[..., k]``; ``x_dot`` the same shape (one tangent) or ``[T, ..., k]`` (T tangents, e.g. the
+    ``dim`` basis vectors of an exact trace). Returns ``y`` ``[..., n]`` and ``y_dot`` shaped like
+    ``x_dot`` with n outputs: ``y_dot = act'(pre) ⊙ scale ⊙ (x_dot Wᵀ)``.
+    """
+    scale, bias = _check(x, w, scale, bias)
+    _check(x_dot, w, None, None, what="x_dot")
+    act = _act_name(activation)
+    lead = x.shape[:-1]
+    if x_dot.shape == x.shape:
+        single, T = True, 1
+    elif x_dot.dim() == x.dim() + 1 and x_dot.shape[1:] == x.shape:
+        single, T = False, x_dot.shape[0]
+    else:
+        raise ValueError(f"x_dot must have x's shape {tuple(x.shape)} or [T, *{tuple(x.shape)}], "
+                         f"got {tuple(x_dot.shape)}")
+    name = B.resolve(backend, x.device, x.dtype, w.plan())
+    k, n = w.shape[1], w.shape[0]
+    x2 = x.reshape(-1, k).contiguous()
+    xd = x_dot.reshape(T, x2.shape[0], k).contiguous()
+    y, yd = bsr_jvp(x2, xd, w.values.contiguous(), *w.tables(), scale, bias, act, name)
+    y = y.reshape(*lead, n)
+    yd = yd.reshape(*lead, n) if single else yd.reshape(T, *lead, n)
+    return y, yd
