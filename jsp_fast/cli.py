@@ -226,7 +226,7 @@ def _toy_lim(x) -> float:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output directory (default %(default)s)")
     p.add_argument("--dataset", default="8gaussians", help="a 2-D toy set (default %(default)s)")
-    p.add_argument("--steps", type=_pos_int, default=250, help="training steps (default %(default)s)")
+    p.add_argument("--steps", type=_pos_int, default=200, help="training steps (default %(default)s)")
     p.add_argument("--batch-size", type=_pos_int, default=256)
     p.add_argument("--lr", type=_pos_float, default=1e-2)
     p.add_argument("--hidden", type=_ints, default=(64, 64, 64))
@@ -407,6 +407,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _fast(model):
+    """``--fast``: the checkpoint's pruned CNF with its field on the block-sparse kernels."""
+    from .sparse._sparsify import sparsify
+    fast = sparsify(model)
+    if fast.net.dense_layers:
+        print(f"--fast: layers left dense: {fast.net.dense_layers}", file=sys.stderr)
+    return fast
+
+
 # -- sample ----------------------------------------------------------------------------------------
 def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a train --out directory)")
@@ -415,6 +424,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output file: .npy (the samples) or .png (a plot)")
     p.add_argument("--rtol", type=_pos_float, default=None, help="override the checkpoint's solver rtol")
     p.add_argument("--atol", type=_pos_float, default=None, help="override the checkpoint's solver atol")
+    p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
     _add_common(p)
 
 
@@ -430,6 +440,7 @@ def cmd_sample(args) -> int:
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
     model, path = _load_checkpoint(args.checkpoint)
+    model = _fast(model) if args.fast else model
     if args.rtol:
         model.rtol = args.rtol
     if args.atol:
@@ -465,6 +476,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=_pos_float, default=1e-5, help="rtol = atol for evaluation (default 1e-5)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="Hutchinson noise seed")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
     _add_common(p)
 
 
@@ -476,6 +488,7 @@ def cmd_eval(args) -> int:
     if args.json is not None and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
     model, path = _load_checkpoint(args.checkpoint)
+    model = _fast(model) if args.fast else model
     info = _run_info(path)
     name = args.dataset or info.get("dataset")
     ds = _dataset(name, args.n or info.get("n"), args.root or info.get("root"),

@@ -45,3 +45,29 @@ def test_arguments():
             p.parse_args(bad)
     a = p.parse_args(["--prune", "nope", "--no-write"])
     assert bc.run(a) == 2
+
+
+def test_cli_sample_and_eval_fast(tmp_path):
+    import json
+
+    import numpy as np
+    import torch
+
+    import jsp_fast as jf
+    from jsp_fast import cli
+
+    torch.manual_seed(0)
+    model = jf.CNF(dim=2, hidden=(32, 32))
+    jf.prune(model, "random", 0.5, data=torch.randn(64, 2), granularity="block", block=(16, 16))
+    ck = tmp_path / "ck"
+    jf.save(ck, model)
+    outs = {}
+    for fast in (False, True):
+        flag = ["--fast"] if fast else []
+        npy, js = tmp_path / f"s{fast}.npy", tmp_path / f"e{fast}.json"
+        assert cli.main(["sample", "--checkpoint", str(ck), "--n", "50", "--out", str(npy), *flag]) == 0
+        assert cli.main(["eval", "--checkpoint", str(ck), "--dataset", "8gaussians", "--max-n", "200",
+                         "--json", str(js), "--no-progress", *flag]) == 0
+        outs[fast] = (np.load(npy), json.loads(js.read_text()))
+    assert np.abs(outs[True][0] - outs[False][0]).max() < 1e-4
+    assert abs(outs[True][1]["nll"] - outs[False][1]["nll"]) < 1e-4
