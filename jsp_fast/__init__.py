@@ -11,3 +11,4 @@ from . import data  # noqa: E402
 from .train import train  # noqa: E402
 from .checkpoint import save, load  # noqa: E402
 from . import sparse, ops, backends  # noqa: E402
+from .sparse import sparsify  # noqa: E402

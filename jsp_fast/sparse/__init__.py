@@ -8,5 +8,7 @@ from __future__ import annotations
 from ._format import BlockSparseWeight
 from ._modules import BlockSparseLinear
 from . import _ops  # noqa: F401  (registers the jsp_fast::bsr_* custom ops)
+from ._field import SparseODEnet
+from ._sparsify import sparsify
 
-__all__ = ["BlockSparseWeight", "BlockSparseLinear"]
+__all__ = ["BlockSparseWeight", "BlockSparseLinear", "SparseODEnet", "sparsify"]
