@@ -106,60 +106,34 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(ts) if ts else float("nan")
 
 
+def _call(model, op: str, x: torch.Tensor, n: int, noise_seed: int = 1):
+    with torch.no_grad():
+        if op == "sample":
+            return model.sample(n, seed=0)
+        torch.manual_seed(noise_seed)  # the same Hutchinson noise for every provider
+        return model.log_prob(x)
+
+
 def measure(model, op: str, x: torch.Tensor, n: int, repeats: int, noise_seed: int = 1):
     """(median seconds, NFE, output) of one op under no_grad (one untimed warm-up call)."""
-
-    def call():
-        with torch.no_grad():
-            if op == "sample":
-                return model.sample(n, seed=0)
-            torch.manual_seed(noise_seed)  # the same Hutchinson noise for every provider
-            return model.log_prob(x)
-
-    out = call()
+    out = _call(model, op, x, n, noise_seed)
     nfe = model.nfe["forward"]
-    return _median_time(call, repeats), nfe, out
+    return _median_time(lambda: _call(model, op, x, n, noise_seed), repeats), nfe, out
 
 
-def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=PROVIDERS, repeats: int = 3,
-            n: int | None = None, solver: str = "dopri5", tol: float = 1e-5, prune_method: str = "jsp",
-            seed: int = 0, quiet: bool = False) -> list[dict]:
-    rows = []
-    for name in datasets:
-        setup = SETUPS[name]
-        bs = n or setup.n
-        x = load_data(setup, bs, seed)
-        compiled = None
-        for sp in sparsities:
+def measure_interleaved(models: dict, op: str, x: torch.Tensor, n: int, repeats: int) -> dict:
+    """{provider: (median seconds, NFE, output)}, timing the providers round-robin within each
+    repeat so that load changes on a shared machine hit all of them alike."""
+    outs, nfes, times = {}, {}, {p: [] for p in models}
+    for prov, model in models.items():  # warm-up
+        outs[prov] = _call(model, op, x, n)
+        nfes[prov] = model.nfe["forward"]
+    for _ in range(repeats):
+        for prov, model in models.items():
             t0 = time.perf_counter()
-            dense, fast, res = build_models(setup, sp, x, solver, tol, prune_method, seed)
-            _log(f"[{name} {sp:.0%}] pruned ({prune_method}, {time.perf_counter() - t0:.1f} s); "
-                 f"dense layers in the sparse model: {fast.net.dense_layers or 'none'}", quiet)
-            models = {"dense": dense, "sparse": fast}
-            if "compiled" in providers:
-                if compiled is None:
-                    t0 = time.perf_counter()
-                    compiled = compile_like(dense)
-                    measure(compiled, "log_prob", x, bs, 0)
-                    measure(compiled, "sample", x, bs, 0)
-                    _log(f"[{name}] torch.compile warm-up {time.perf_counter() - t0:.1f} s", quiet)
-                load_weights_(compiled, dense)
-                models["compiled"] = compiled
-            for op in ("sample", "log_prob"):
-                ref = None
-                for prov in providers:
-                    sec, nfe, out = measure(models[prov], op, x, bs, repeats)
-                    if prov == "dense":
-                        ref = out
-                    diff = float((out - ref).abs().max()) if ref is not None else float("nan")
-                    row = dict(dataset=name, sparsity=sp, op=op, provider=prov, seconds=sec, nfe=nfe,
-                               throughput=bs / sec, n=bs, max_abs_diff=diff,
-                               density=res.overall_density, trace=setup.trace,
-                               hidden=setup.hidden, block=setup.block)
-                    rows.append(row)
-                    _log(f"[{name} {sp:.0%}] {op:8s} {prov:8s} {sec * 1e3:9.1f} ms  NFE {nfe:4d}  "
-                         f"{bs / sec:10.0f}/s  max|diff| {diff:.2e}", quiet)
-    return rows
+            _call(model, op, x, n)
+            times[prov].append(time.perf_counter() - t0)
+    return {p: (statistics.median(times[p]), nfes[p], outs[p]) for p in models}
 
 
 def machine_info() -> dict:
@@ -186,7 +160,8 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {m['cpu']} ({m['cores']} cores, "
         f"{m['threads']} torch threads, kernels built for {m['simd']}, OMP_WAIT_POLICY={m['omp_wait_policy']}), "
         f"torch {m['torch']}; float32; solver {solver}, rtol = atol = {tol}; masks from "
-        f"`jf.prune(method={prune_method!r}, granularity='block')`; times are medians under `torch.no_grad()`.",
+        f"`jf.prune(method={prune_method!r}, granularity='block')` on an untrained model; times are medians "
+        f"under `torch.no_grad()`, the providers timed round-robin within each repeat.",
         "",
         f"Command: `{command}`",
         "",
@@ -277,7 +252,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", type=_names(PROVIDERS), default=PROVIDERS,
                         help="comma-separated subset of dense,compiled,sparse")
     parser.add_argument("--n", type=int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions, providers interleaved (median reported; default 5)")
     parser.add_argument("--solver", default="dopri5")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
     parser.add_argument("--prune", default="jsp", help="jf.prune method for the block masks (default jsp)")

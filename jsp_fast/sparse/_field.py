@@ -307,7 +307,7 @@ class SparseODEnet(nn.Module):
             elif b is None:
                 b = infer_block(mask)
                 if b is None:
-                    reason = f"mask is not block-aligned (tried {', '.join(f'{x}x{y}' for x, y in BLOCK_CANDIDATES)})"
+                    reason = f"mask is not block-aligned (weight {tuple(mask.shape)}, blocks up to 64x64 tried)"
             elif not is_block_aligned(mask, b):
                 reason = f"mask is not aligned to {b[0]}x{b[1]} blocks (weight {tuple(mask.shape)})"
             if reason is None:
