@@ -73,7 +73,7 @@ def _bsr_fwd_kernel(x_ptr, v_ptr, row_ptr, col_ptr, scale_ptr, bias_ptr, y_ptr, 
 #   pre  = scale * acc + bias;  y = act(pre);  y_dot[i] = act'(pre) * scale * acc_t[i]
 # The TT tangent tiles are stacked into one [TT*BLOCK_B, BK] operand, so each weight block feeds one
 # value dot and one tangent dot. Chunk 0 also stores y (other chunks recompute it for act').
-@triton.autotune(configs=configs(block_b=(32, 64), warps=(4, 8), stages=(2, 3)),
+@triton.autotune(configs=configs(block_b=(16, 32, 64), warps=(4, 8), stages=(2,)),
                  key=["B", "N", "K", "T", "bm", "bk", "TT"])
 @triton.jit
 def _bsr_jvp_kernel(x_ptr, xd_ptr, v_ptr, row_ptr, col_ptr, scale_ptr, bias_ptr, y_ptr, yd_ptr,
@@ -192,7 +192,7 @@ def bsr_linear_fwd(x, values, row_ptr, col_idx, shape, scale=None, bias=None, ac
 
 
 def bsr_linear_jvp(x, x_dot, values, row_ptr, col_idx, shape, scale=None, bias=None, activation=None,
-                   tf32: bool | None = None, max_chunk: int = 8):
+                   tf32: bool | None = None, max_chunk: int = 4):
     """Value and T tangents in one pass: ``y = act(scale*(x W^T)+bias)``,
     ``y_dot[i] = act'(pre) * scale * (x_dot[i] W^T)``. ``x [B, K]``, ``x_dot [T, B, K]``."""
     n, k, bm, bk = _check_weight(values, row_ptr, col_idx, shape)

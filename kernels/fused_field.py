@@ -36,10 +36,13 @@ from ._common import (INTERPRET, _act, _act_grad, _tile_dot, acc_dtype, act_code
 META = 8  # per-layer int32 record: N, K, block rows, row_ptr offset, vector offset, apply act, -, -
 
 
+BLOCK_B_MAX = 64  # the scratch is sized for the largest batch tile of the configs
+
+
 def _configs():
     if INTERPRET:
-        return [triton.Config({}, num_warps=1, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+        return [triton.Config({"BLOCK_B": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_B": b}, num_warps=w, num_stages=1) for b in (16, 32, 64) for w in (4, 8)]
 
 
 # One persistent program per slot; it walks batch tiles tile = pid, pid + P, ... For each tile:
@@ -52,21 +55,22 @@ def _configs():
 @triton.jit
 def _fused_field_kernel(z_ptr, e_ptr, f_ptr, je_ptr, scr_ptr, meta_ptr, rp_ptr, col_ptr, val_ptr,
                         scale_ptr, bias_ptr, gw_ptr, gb_ptr, sw_ptr, t_ptr,
-                        B, D, T, L, HMAX, num_tiles,
+                        B, D, T, L, HMAX,
                         stride_zb, stride_et, stride_eb, stride_fb, stride_jt, stride_jb,
-                        BM: tl.constexpr, BK: tl.constexpr, BLOCK_B: tl.constexpr, TT: tl.constexpr,
+                        BM: tl.constexpr, BK: tl.constexpr, BLOCK_B_MAX: tl.constexpr, TT: tl.constexpr,
                         HAS_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HYPER: tl.constexpr, ACT: tl.constexpr, USE_DOT: tl.constexpr,
-                        PRECISION: tl.constexpr, ACC: tl.constexpr):
+                        PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    num_tiles = tl.cdiv(B, BLOCK_B)
     offs_b = tl.arange(0, BLOCK_B)
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
     offs_t = tl.arange(0, TT)
     mask_t = offs_t < T
     buf = (1 + TT) * BLOCK_B * HMAX
-    scr = scr_ptr + pid.to(tl.int64) * (2 * buf)
+    scr = scr_ptr + pid.to(tl.int64) * (2 * (1 + TT) * BLOCK_B_MAX * HMAX)
     val_rows = offs_b[:, None] * HMAX                                                   # [BB, 1]
     tan_rows = (1 + offs_t)[:, None, None] * (BLOCK_B * HMAX) + offs_b[None, :, None] * HMAX  # [TT, BB, 1]
     w_off = offs_m[:, None] * BK + offs_k[None, :]
@@ -175,7 +179,7 @@ class FusedFieldPlan:
     """
 
     def __init__(self, weights: Sequence[torch.Tensor], block=32, masks=None, hyper=None,
-                 activation: str = "tanh", max_tangents: int = 8):
+                 activation: str = "tanh", max_tangents: int = 4):
         if not weights:
             raise ValueError("need at least one layer")
         self.block = (block, block) if isinstance(block, int) else tuple(int(b) for b in block)
@@ -259,7 +263,7 @@ class FusedFieldPlan:
         return self._scratch[key]
 
     def __call__(self, z, eps=None, scales=None, biases=None, t=None, tf32: bool | None = None,
-                 block_b: int | None = None, max_programs: int | None = None):
+                 max_programs: int | None = None):
         """``(f, J eps)``; ``eps`` ``[B, D]`` or ``[T, B, D]`` (or None: ``(f, None)``).
 
         ``scales``/``biases``: per-layer lists of ``[N_l]`` (or None) or pre-packed vectors
@@ -290,12 +294,10 @@ class FusedFieldPlan:
         if B == 0:
             return f, (je[0] if squeeze else je)
         TT = min(next_pow2(max(T, 1)), self.max_tangents)
-        if block_b is None:
-            block_b = 16 if INTERPRET else (64 if self.hmax * (1 + TT) <= 512 else 32)
-        num_tiles = triton.cdiv(B, block_b)
-        nprog = min(num_tiles, max_programs or (4 if INTERPRET else 2 * num_sms(z.device)))
+        cap = max_programs or (4 if INTERPRET else 2 * num_sms(z.device))
         acc = torch_acc_dtype(z.dtype)
-        scr = self._scratch_for(z.device, acc, nprog, block_b, TT)
+        scr = self._scratch_for(z.device, acc, cap, BLOCK_B_MAX, TT)
+        grid = lambda meta: (min(triton.cdiv(B, meta["BLOCK_B"]), cap),)  # noqa: E731
         vals = self.values if self.values.dtype == acc else self.values.to(acc)
         dummy = f
         if hyper:
@@ -305,17 +307,17 @@ class FusedFieldPlan:
             Tc = min(TT, T - t0) if T else 0
             ec = e[t0: t0 + Tc] if T else dummy
             jc = je[t0: t0 + Tc] if T else dummy
-            _fused_field_kernel[(nprog,)](
+            _fused_field_kernel[grid](
                 z, ec, f, jc, scr, self.meta, self.row_ptr, self.col_idx, vals,
                 scale if scale is not None else dummy,
                 hb if hyper else (bias if bias is not None else dummy),
                 gw if hyper else dummy, gb if hyper else dummy, sw if hyper else dummy, t if hyper else dummy,
-                B, D, Tc, self.num_layers, self.hmax, num_tiles,
+                B, D, Tc, self.num_layers, self.hmax,
                 z.stride(0), ec.stride(0) if T else 0, ec.stride(1) if T else 0, f.stride(0),
                 jc.stride(0) if T else 0, jc.stride(1) if T else 0,
-                BM=self.block[0], BK=self.block[1], BLOCK_B=block_b, TT=TT, HAS_T=T > 0,
+                BM=self.block[0], BK=self.block[1], BLOCK_B_MAX=BLOCK_B_MAX, TT=TT, HAS_T=T > 0,
                 HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HYPER=hyper, ACT=self.act,
-                USE_DOT=min(self.block) >= 16 and block_b >= 16, PRECISION=dot_precision(acc, tf32),
+                USE_DOT=min(self.block) >= 16, PRECISION=dot_precision(acc, tf32),
                 ACC=acc_dtype(z.dtype))
         return f, (None if je is None else (je[0] if squeeze else je))
 
