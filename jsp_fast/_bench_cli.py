@@ -136,6 +136,46 @@ def measure_interleaved(models: dict, op: str, x: torch.Tensor, n: int, repeats:
     return {p: (statistics.median(times[p]), nfes[p], outs[p]) for p in models}
 
 
+def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=PROVIDERS, repeats: int = 5,
+            n: int | None = None, solver: str = "dopri5", tol: float = 1e-5, prune_method: str = "jsp",
+            seed: int = 0, quiet: bool = False) -> list[dict]:
+    rows = []
+    for name in datasets:
+        setup = SETUPS[name]
+        bs = n or setup.n
+        x = load_data(setup, bs, seed)
+        compiled = None
+        for sp in sparsities:
+            t0 = time.perf_counter()
+            dense, fast, res = build_models(setup, sp, x, solver, tol, prune_method, seed)
+            _log(f"[{name} {sp:.0%}] pruned ({prune_method}, {time.perf_counter() - t0:.1f} s); "
+                 f"dense layers in the sparse model: {fast.net.dense_layers or 'none'}", quiet)
+            models = {"dense": dense, "sparse": fast}
+            if "compiled" in providers:
+                if compiled is None:
+                    t0 = time.perf_counter()
+                    compiled = compile_like(dense)
+                    measure(compiled, "log_prob", x, bs, 0)
+                    measure(compiled, "sample", x, bs, 0)
+                    _log(f"[{name}] torch.compile warm-up {time.perf_counter() - t0:.1f} s", quiet)
+                load_weights_(compiled, dense)
+                models["compiled"] = compiled
+            for op in ("sample", "log_prob"):
+                res_op = measure_interleaved({p: models[p] for p in providers}, op, x, bs, repeats)
+                ref = res_op["dense"][2] if "dense" in res_op else None
+                for prov in providers:
+                    sec, nfe, out = res_op[prov]
+                    diff = float((out - ref).abs().max()) if ref is not None else float("nan")
+                    row = dict(dataset=name, sparsity=sp, op=op, provider=prov, seconds=sec, nfe=nfe,
+                               throughput=bs / sec, n=bs, max_abs_diff=diff,
+                               density=res.overall_density, trace=setup.trace,
+                               hidden=setup.hidden, block=setup.block)
+                    rows.append(row)
+                    _log(f"[{name} {sp:.0%}] {op:8s} {prov:8s} {sec * 1e3:9.1f} ms  NFE {nfe:4d}  "
+                         f"{bs / sec:10.0f}/s  max|diff| {diff:.2e}", quiet)
+    return rows
+
+
 def machine_info() -> dict:
     from ._ext import _C
 
