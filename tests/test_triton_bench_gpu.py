@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def test_no_cuda_message(gpu, monkeypatch):
         gpu.main(["--skip-tests"])
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="--smoke needs the Triton interpreter (set by conftest without a GPU)")
 def test_smoke_run(gpu, tmp_path):
     out = tmp_path / "r.json"
     gpu.main(["--smoke", "--skip-tests", "--no-jvp", "--steps", "1", "--providers", "ours_fp32,cublas_fp32",
