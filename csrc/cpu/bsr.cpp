@@ -44,6 +44,7 @@ class Buf {
 };
 
 constexpr int64_t kSerialWork = int64_t(1) << 17;
+constexpr int64_t kPackReuse = 32;
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -73,38 +74,44 @@ struct Product {
   const T* pw = nullptr;  // packed weights, entry e at pw + e * red * owp
 };
 
-// Epilogue interface: operator()(group, row0 in the tile, nvalid rows, ob, sub offset, NV acc).
-template <typename T, int NV, typename Epi>
-inline void run_panel(const Product<T>& P, const T* xpanel, int64_t ob, int64_t sub,
+// Accumulates one register tile (R rows, NV vectors of the output block `ob` at offset `sub`).
+// Packed: the panel is [kx][R] (one contiguous line feeds the R broadcasts of a step). Direct: row r
+// of the panel at xpanel + r * ldx, read in place (no packing pass; see run_product for the choice).
+template <typename T, int NV, bool Packed>
+inline void run_panel(const Product<T>& P, const T* xpanel, int64_t ldx, int64_t ob, int64_t sub,
                       typename simd::Vec<T>::type (&acc)[kRows][NV]) {
   using V = typename simd::Vec<T>::type;
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  for (int64_t e = P.ptr[ob]; e < P.ptr[ob + 1]; ++e)
-    micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red * kRows, P.pw + e * P.red * P.owp + sub,
-                                   P.red, P.owp, acc);
+  for (int64_t e = P.ptr[ob]; e < P.ptr[ob + 1]; ++e) {
+    const T* w = P.pw + e * P.red * P.owp + sub;
+    if (Packed)
+      micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red * kRows, w, P.red, P.owp, acc);
+    else
+      micro_rows<T, kRows, NV>(xpanel + P.ridx[e] * P.red, ldx, w, P.red, P.owp, acc);
+  }
 }
 
-// One tile: `xp` holds G groups of npan panels ([kx][R] each) for tile rows [b0, b0 + nb).
-template <typename T, typename Epi>
-void tile_block(const Product<T>& P, const T* xp, int64_t npan, int64_t G, int64_t b0, int64_t nb,
-                int64_t ob, Epi& epi) {
+// One tile of rows [b0, b0 + nb) for output block `ob`: panels[g * npan + p] is panel p of group g.
+// Epilogue interface: apply<NV>(group, first batch row, valid rows, ob, sub offset, acc).
+template <typename T, bool Packed, typename Epi>
+void tile_block(const Product<T>& P, const T* const* panels, int64_t ldx, int64_t npan, int64_t G, int64_t b0,
+                int64_t nb, int64_t ob, Epi& epi) {
   constexpr int L = simd::Vec<T>::L;
-  const int64_t panel = P.kx * kRows;
   for (int64_t sub = 0; sub < P.owp; sub += kMaxNV * L) {
     const int nv = int(std::min<int64_t>(kMaxNV, (P.owp - sub) / L));
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t p = 0; p < npan; ++p) {
-        const T* xpanel = xp + (g * npan + p) * panel;
+        const T* xpanel = panels[g * npan + p];
         const int64_t r0 = p * kRows;
         const int64_t nvalid = std::min<int64_t>(kRows, nb - r0);
         if (nv == 2) {
           typename simd::Vec<T>::type acc[kRows][2];
-          run_panel<T, 2, Epi>(P, xpanel, ob, sub, acc);
+          run_panel<T, 2, Packed>(P, xpanel, ldx, ob, sub, acc);
           epi.template apply<2>(g, b0 + r0, nvalid, ob, sub, acc);
         } else {
           typename simd::Vec<T>::type acc[kRows][1];
-          run_panel<T, 1, Epi>(P, xpanel, ob, sub, acc);
+          run_panel<T, 1, Packed>(P, xpanel, ldx, ob, sub, acc);
           epi.template apply<1>(g, b0 + r0, nvalid, ob, sub, acc);
         }
       }
@@ -112,7 +119,31 @@ void tile_block(const Product<T>& P, const T* xp, int64_t npan, int64_t G, int64
   }
 }
 
-// Rows per batch tile: the packed tile (G groups) near 256 KiB so it stays in L2 across all output
+// Panel pointers for the rows [b0, b0 + nb) of every group. Packed: the rows are packed into `buf`
+// (G * npan panels of [kx][R], zero past the batch). Direct: pointers into the input, except a ragged
+// last panel, copied into `buf` with zero rows so the micro-kernel never reads past the input.
+template <typename T>
+void tile_panels(bool packed, const T* const* groups, int64_t G, int64_t kx, int64_t b0, int64_t nb,
+                 int64_t npan, T* buf, const T** panels) {
+  const int64_t full = nb / kRows, rem = nb % kRows;
+  for (int64_t g = 0; g < G; ++g) {
+    if (packed) {
+      T* d = buf + g * npan * kx * kRows;
+      pack_rows<T>(groups[g] + b0 * kx, kx, nb, d);
+      for (int64_t p = 0; p < npan; ++p) panels[g * npan + p] = d + p * kx * kRows;
+      continue;
+    }
+    for (int64_t p = 0; p < npan; ++p) panels[g * npan + p] = groups[g] + (b0 + p * kRows) * kx;
+    if (rem) {
+      T* t = buf + g * kRows * kx;
+      std::memcpy(t, groups[g] + (b0 + full * kRows) * kx, size_t(rem * kx) * sizeof(T));
+      std::memset(t + rem * kx, 0, size_t((kRows - rem) * kx) * sizeof(T));
+      panels[g * npan + full] = t;
+    }
+  }
+}
+
+// Rows per batch tile: the tile's input rows (G groups) near 256 KiB so it stays in L2 across all output
 // blocks, at least one register tile, at most 16.
 template <typename T>
 int64_t tile_rows(int64_t kx, int64_t G) {
@@ -121,9 +152,6 @@ int64_t tile_rows(int64_t kx, int64_t G) {
 }
 
 // Runs the product over the whole batch. groups[g] is the g-th group's input [B, kx].
-// Large batches: threads take whole tiles (pack the tile once, reuse it for every output block).
-// Small batches (fewer tiles than 2 per thread): everything is packed first, then threads share
-// (tile, output block) pairs so the block rows still spread over the cores.
 template <typename T, typename Epi>
 void run_product(const Product<T>& P, const T* const* groups, int64_t G, int64_t B, Epi& proto,
                  int num_threads) {
@@ -142,61 +170,93 @@ void run_product(const Product<T>& P, const T* const* groups, int64_t G, int64_t
   }
   const int64_t ntiles = (B + TB - 1) / TB;
   const int64_t npan = TB / kRows;
-  const int64_t tile_elems = G * npan * P.kx * kRows;
-  if (!small) {
-#ifdef JSP_FAST_OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-      Buf<T> xp(tile_elems);
-      Epi epi = proto;
-      epi.init_thread(TB);
-#ifdef JSP_FAST_OPENMP
-#pragma omp for schedule(dynamic, 1)
-#endif
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
-        for (int64_t g = 0; g < G; ++g)
-          pack_rows<T>(groups[g] + b0 * P.kx, P.kx, nb, xp.data() + g * npan * P.kx * kRows);
-        for (int64_t ob = 0; ob < P.nob; ++ob) tile_block<T, Epi>(P, xp.data(), npan, G, b0, nb, ob, epi);
-      }
+  // Packing x costs a pass over it (~0.5 ns per element, a scalar transpose); it pays when each x
+  // element feeds enough multiply-adds: reuse = kept blocks per block column x output block width.
+  // Measured (1024x1024, 32x32 blocks, B=2048, AVX-512, one thread): packed 5-10% faster than direct
+  // from 5% to 50% density (reuse 51..500); direct is kept for near-empty layers.
+  // JSP_FAST_BSR_PACK=0/1 forces the choice (for measurements).
+  const double reuse = double(P.ptr[P.nob]) * double(P.ow) / double(std::max<int64_t>(1, P.kx / P.red));
+  bool packed = reuse >= double(kPackReuse);
+  if (const char* env = std::getenv("JSP_FAST_BSR_PACK")) {
+    if (env[0] == '0') packed = false;
+    if (env[0] == '1') packed = true;
+  }
+  const int64_t buf_elems = packed ? G * npan * P.kx * kRows : G * kRows * P.kx;
+  if (packed && small) {
+    // Few tiles shared by (tile, block) pairs: pack everything once, up front.
+    Buf<T> all(ntiles * buf_elems);
+    std::vector<const T*> panels(size_t(ntiles * G * npan));
+    for (int64_t t = 0; t < ntiles; ++t) {
+      const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
+      tile_panels<T>(true, groups, G, P.kx, b0, nb, npan, all.data() + t * buf_elems, panels.data() + t * G * npan);
     }
-  } else {
-    Buf<T> all(ntiles * tile_elems);
 #ifdef JSP_FAST_OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
     {
       Epi epi = proto;
       epi.init_thread(TB);
-#ifdef JSP_FAST_OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t tg = 0; tg < ntiles * G; ++tg) {
-        const int64_t t = tg / G, g = tg % G;
-        const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
-        pack_rows<T>(groups[g] + b0 * P.kx, P.kx, nb, all.data() + t * tile_elems + g * npan * P.kx * kRows);
-      }
-      // (the implicit barrier of the loop above orders packing before use)
 #ifdef JSP_FAST_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
       for (int64_t to = 0; to < ntiles * P.nob; ++to) {
         const int64_t t = to / P.nob, ob = to % P.nob;
         const int64_t b0 = t * TB, nb = std::min(TB, B - b0);
-        tile_block<T, Epi>(P, all.data() + t * tile_elems, npan, G, b0, nb, ob, epi);
+        tile_block<T, true, Epi>(P, panels.data() + t * G * npan, P.kx, npan, G, b0, nb, ob, epi);
+      }
+      simd::fence();  // the epilogues' streaming stores, before the join
+    }
+    return;
+  }
+#ifdef JSP_FAST_OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+    Buf<T> buf(buf_elems);
+    std::vector<const T*> panels(size_t(G * npan));
+    Epi epi = proto;
+    epi.init_thread(TB);
+    if (!small) {
+      // Whole tiles per thread: the tile's rows stay in L2 while every output block reads them.
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t t = 0; t < ntiles; ++t) {
+        const int64_t b0 = t * TB, nb = std::min(TB, B - b0), np = (nb + kRows - 1) / kRows;
+        tile_panels<T>(packed, groups, G, P.kx, b0, nb, np, buf.data(), panels.data());
+        for (int64_t ob = 0; ob < P.nob; ++ob) {
+          if (packed)
+            tile_block<T, true, Epi>(P, panels.data(), P.kx, np, G, b0, nb, ob, epi);
+          else
+            tile_block<T, false, Epi>(P, panels.data(), P.kx, np, G, b0, nb, ob, epi);
+        }
+      }
+    } else {
+      // Few tiles: (tile, output block) pairs spread the block rows over the threads.
+#ifdef JSP_FAST_OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (int64_t to = 0; to < ntiles * P.nob; ++to) {
+        const int64_t t = to / P.nob, ob = to % P.nob;
+        const int64_t b0 = t * TB, nb = std::min(TB, B - b0), np = (nb + kRows - 1) / kRows;
+        tile_panels<T>(false, groups, G, P.kx, b0, nb, np, buf.data(), panels.data());
+        tile_block<T, false, Epi>(P, panels.data(), P.kx, np, G, b0, nb, ob, epi);
       }
     }
+    simd::fence();  // the epilogues' streaming stores, before the join
   }
 }
 
 // Stores NV vectors of row r at out + col (valid lanes only when the block width is not a multiple
 // of the vector width).
-template <typename T>
+template <typename T, bool Stream = false>
 inline void store_lanes(T* out, typename simd::Vec<T>::type v, int64_t lanes) {
   constexpr int L = simd::Vec<T>::L;
   if (lanes >= L) {
-    simd::store<T>(out, v);
+    if (Stream)
+      simd::stream<T>(out, v);
+    else
+      simd::store<T>(out, v);
   } else {
     for (int64_t i = 0; i < lanes; ++i) out[i] = v[i];
   }
@@ -255,9 +315,9 @@ struct ActEpi {
             V d;
             const V yy = simd::VecAct<T>::yd(act, pre, d);
             simd::store<T>(dbuf->data() + (row_in_tile(row0) + r) * (kMaxNV * L) + v * L, d * s[v]);
-            if (r < nvalid) store_lanes<T>(out + v * L, yy, lanes_left - v * L);
+            if (r < nvalid) store_lanes<T, true>(out + v * L, yy, lanes_left - v * L);
           } else {
-            store_lanes<T>(out + v * L, simd::VecAct<T>::y(act, pre), lanes_left - v * L);
+            store_lanes<T, true>(out + v * L, simd::VecAct<T>::y(act, pre), lanes_left - v * L);
           }
         }
       }
@@ -266,7 +326,7 @@ struct ActEpi {
       for (int r = 0; r < nvalid; ++r) {
         T* out = base + (row0 + r) * ny + col;
         const T* d = dbuf->data() + (row_in_tile(row0) + r) * (kMaxNV * L);
-        for (int v = 0; v < NV; ++v) store_lanes<T>(out + v * L, acc[r][v] * simd::load<T>(d + v * L), lanes_left - v * L);
+        for (int v = 0; v < NV; ++v) store_lanes<T, true>(out + v * L, acc[r][v] * simd::load<T>(d + v * L), lanes_left - v * L);
       }
     }
   }

@@ -66,6 +66,25 @@ inline void micro_accumulate(const T* __restrict xp, const T* __restrict w, int6
   }
 }
 
+// The same over R rows read in place: row r at x + r * ldx (no packing of x).
+template <typename T, int R, int NV>
+inline void micro_rows(const T* __restrict x, int64_t ldx, const T* __restrict w, int64_t len, int64_t ldw,
+                       typename simd::Vec<T>::type (&acc)[R][NV]) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int L = simd::Vec<T>::L;
+  for (int64_t kk = 0; kk < len; ++kk) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = simd::load<T>(w + kk * ldw + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const T xv = x[r * ldx + kk];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] += xv * wv[v];
+    }
+  }
+}
+
 // Packs rows [r0, r0 + nrows) of a row-major [*, ld] matrix into ceil(nrows / R) panels of [ld][R]
 // (rows past nrows are zero), so micro_accumulate reads R rows with one contiguous load per step.
 template <typename T>

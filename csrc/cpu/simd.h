@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace jsp_fast {
 namespace cpu {
 namespace simd {
@@ -45,6 +49,33 @@ template <typename T>
 inline void store(T* p, typename Vec<T>::type v) {
   *reinterpret_cast<typename Vec<T>::type*>(p) = v;
 }
+// Non-temporal store of a whole vector when p is vector-aligned (plain store otherwise): large outputs
+// written once skip the read-for-ownership of each line. Call fence() before other threads read them.
+template <typename T>
+inline void stream(T* p, typename Vec<T>::type v) {
+#if defined(__SSE2__)
+  if ((reinterpret_cast<uintptr_t>(p) & uintptr_t(kVecBytes - 1)) == 0) {
+#if defined(__AVX512F__)
+    if constexpr (sizeof(T) == 4) _mm512_stream_ps(reinterpret_cast<float*>(p), (__m512)v);
+    else _mm512_stream_pd(reinterpret_cast<double*>(p), (__m512d)v);
+#elif defined(__AVX__)
+    if constexpr (sizeof(T) == 4) _mm256_stream_ps(reinterpret_cast<float*>(p), (__m256)v);
+    else _mm256_stream_pd(reinterpret_cast<double*>(p), (__m256d)v);
+#else
+    if constexpr (sizeof(T) == 4) _mm_stream_ps(reinterpret_cast<float*>(p), (__m128)v);
+    else _mm_stream_pd(reinterpret_cast<double*>(p), (__m128d)v);
+#endif
+    return;
+  }
+#endif
+  store<T>(p, v);
+}
+inline void fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename T>
 inline typename Vec<T>::type splat(T x) {
   return typename Vec<T>::type{} + x;
