@@ -447,7 +447,7 @@ def _plots(out: Path, records: list[dict]) -> list[str]:
                 ax.imshow(imgs.numpy(), cmap="gray", vmin=0, vmax=1)
             else:
                 s = s[torch.isfinite(s).all(1)]
-                ax.hist2d(s[:, 0].numpy(), s[:, 1].numpy(), bins=60, range=[[-4, 4], [-4, 4]], cmap="magma")
+                ax.hist2d(s[:, 0].numpy(), s[:, 1].numpy(), bins=40, range=[[-4, 4], [-4, 4]], cmap="magma")
     fig.tight_layout()
     fig.savefig(out / "samples.png", dpi=100)
     plt.close(fig)
