@@ -12,18 +12,17 @@ The adapter passes the plan's int64 tables straight to the launchers (Triton loa
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 from ._backends import register_backend
 
-try:  # triton is an optional dependency ([triton] extra)
-    import triton  # noqa: F401
-
-    IMPORT_ERROR: Exception | None = None
-except Exception as e:  # pragma: no cover - depends on the environment
-    IMPORT_ERROR = e
+# triton is an optional dependency ([triton] extra); it is imported on the first kernel call, so
+# importing this module (and registering the backend) stays cheap.
+IMPORT_ERROR: Exception | None = (None if importlib.util.find_spec("triton") is not None
+                                  else ImportError("triton is not installed (pip install jsp-fast[triton])"))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
