@@ -61,7 +61,7 @@ inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
 
 // One layer over a tile: `in` holds G = 1 + ntan groups of TB rows (values first), `out` the same.
 // dbuf [TB, n_pad] keeps act'(pre) ⊙ scale of the value rows for the tangent rows.
-template <typename T, int PV>
+template <typename T, int PV, Act A>
 void run_layer(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in,
                T* out, T* dbuf, int64_t TB, int64_t G) {
   using S = Simd<T>;
@@ -88,7 +88,7 @@ void run_layer(const Layer<T>& lay, const T* scale, const T* shift, const T* in,
           for (int j = 0; j < PV; ++j) {
             const vec pre = acc[r][j] * sc[j] + sh[j];
             vec d;
-            simd::store<T>(o + j * L, simd::VecAct<T>::yd(lay.act, pre, d));
+            simd::store<T>(o + j * L, simd::VecAct<T>::yd(A, pre, d));
             if (need_d) simd::store<T>(dd + j * L, d * sc[j]);
           }
         }
@@ -140,12 +140,27 @@ void run_narrow(const Layer<T>& lay, const T* scale, const T* shift, const T* in
   }
 }
 
+// The activation and the panel width become template parameters (one switch per layer, not per
+// vector), so the epilogue inlines to straight-line code the compiler can interleave.
+template <typename T, int PV>
+void run_act(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in, T* out,
+             T* dbuf, int64_t TB, int64_t G) {
+  switch (lay.act) {
+    case Act::Tanh: return run_layer<T, PV, Act::Tanh>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+    case Act::Softplus: return run_layer<T, PV, Act::Softplus>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+    case Act::Elu: return run_layer<T, PV, Act::Elu>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+    case Act::Relu: return run_layer<T, PV, Act::Relu>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+    case Act::Sigmoid: return run_layer<T, PV, Act::Sigmoid>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+    default: return run_layer<T, PV, Act::None>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+  }
+}
+
 template <typename T>
 void run_any(const Layer<T>& lay, const T* scale, const T* shift, const T* in, int64_t ld_in, T* out,
              T* dbuf, int64_t TB, int64_t G) {
   if (lay.narrow) return run_narrow<T>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
-  if (lay.pv == 1) return run_layer<T, 1>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
-  return run_layer<T, 2>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+  if (lay.pv == 1) return run_act<T, 1>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
+  return run_act<T, 2>(lay, scale, shift, in, ld_in, out, dbuf, TB, G);
 }
 
 // Columns of a panel of outputs [r0, r1) that keep some weight, as runs (k0, len).
