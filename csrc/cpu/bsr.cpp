@@ -393,6 +393,34 @@ void fwd_impl(const Layout& lay, const T* values, const T* x, const T* x_dot, in
   run_product<T, ActEpi<T>>(P, groups.data(), G, B, epi, num_threads);
 }
 
+// One weight-gradient register tile: out[r][0..lanes) (+)= Σ_b gpan[b][r] · xs[b·ldx + ...], for the
+// R (valid: no) block rows of gpan and NV vectors of the block's columns. A separate function so the
+// accumulators stay in registers (a lambda taking them by reference made GCC keep them in memory).
+template <typename T, int NV>
+inline void wg_tile(const T* gpan, const T* xs, int64_t nc, int64_t ldx, T* out, int64_t ldo, int64_t no,
+                    int64_t lanes_left, bool accumulate) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int L = simd::Vec<T>::L;
+  V acc[kRows][NV];
+  for (int r = 0; r < kRows; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  micro_accumulate<T, kRows, NV>(gpan, xs, nc, ldx, acc);
+  for (int r = 0; r < no; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* o = out + r * ldo + v * L;
+      const int64_t lanes = lanes_left - v * L;
+      V a = acc[r][v];
+      if (accumulate) {
+        if (lanes >= L) {
+          a += simd::load<T>(o);
+        } else {
+          for (int64_t i = 0; i < lanes; ++i) a[i] += o[i];
+        }
+      }
+      store_lanes<T>(o, a, lanes);
+    }
+}
+
 }  // namespace
 
 template <typename T>
@@ -472,87 +500,72 @@ void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, in
   }
   const double work = double(B) * double(nnzb) * double(bm) * double(bk);
   const int nt = work < double(kSerialWork) ? 1 : resolve_threads(num_threads);
-  // The reduction runs over the batch in chunks; per chunk, g is packed per block row into panels of
-  // R of its bm columns ([chunk][R], so the R broadcasts are one line) and x into block columns padded
-  // to the vector width ([chunk][k_pad]); each thread owns a fixed set of blocks (static schedule) and
-  // accumulates their gradient across chunks, so the partial sums stay in its cache.
+  // Each thread owns a contiguous range of block rows holding ~nnzb / threads blocks, so no barrier is
+  // needed (barriers cost milliseconds when the cores are shared) and no partial sums are reduced.
+  // The batch is reduced in chunks, chunk-outer, so a chunk of x stays in L2 while all of the thread's
+  // blocks read it; per (chunk, block row) the row's bm columns of g are packed into panels of R
+  // ([chunk][R]: the R broadcasts of a step are one line).
   const int64_t opan = (bm + kRows - 1) / kRows;  // R-row panels per block row
   const int64_t bkp = round_up(bk, L);
-  const int64_t kp = lay.n_bcols() * bkp;
   const int64_t nbr = lay.n_brows();
   const int64_t chunk = std::max<int64_t>(kRows, std::min<int64_t>(B, 256));
-  Buf<T> gp(nbr * opan * chunk * kRows);
-  Buf<T> xq(chunk * kp);
+  // Block columns that are whole vectors are read from x in place; others are copied, zero-padded.
+  const bool direct = bk % L == 0;
 #ifdef JSP_FAST_OPENMP
 #pragma omp parallel num_threads(nt)
 #endif
   {
+#ifdef JSP_FAST_OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    // First block row whose blocks start at or after the thread's share of nnzb.
+    auto split = [&](int t) {
+      const int64_t target = nnzb * t / nth;
+      return int64_t(std::lower_bound(lay.row_ptr, lay.row_ptr + nbr, target) - lay.row_ptr);
+    };
+    const int64_t rb_begin = tid == 0 ? 0 : split(tid), rb_end = tid == nth - 1 ? nbr : split(tid + 1);
+    Buf<T> gp(opan * chunk * kRows);
+    Buf<T> xq(direct ? 1 : chunk * bkp);
     for (int64_t c0 = 0; c0 < B; c0 += chunk) {
-      const int64_t nc = std::min(chunk, B - c0);
-#ifdef JSP_FAST_OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t rp = 0; rp < nbr * opan; ++rp) {
-        const int64_t rb = rp / opan, p = rp % opan;
-        const int64_t o0 = rb * bm + p * kRows;
-        const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
-        T* d = gp.data() + rp * chunk * kRows;
-        for (int64_t b = 0; b < nc; ++b)
-          for (int r = 0; r < kRows; ++r) d[b * kRows + r] = r < no ? g[(c0 + b) * n + o0 + r] : T(0);
-      }
-#ifdef JSP_FAST_OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t b = 0; b < nc; ++b) {
-        T* d = xq.data() + b * kp;
-        const T* s = x + (c0 + b) * k;
-        for (int64_t cb = 0; cb < lay.n_bcols(); ++cb) {
-          std::memcpy(d + cb * bkp, s + cb * bk, size_t(bk) * sizeof(T));
-          for (int64_t kk = bk; kk < bkp; ++kk) d[cb * bkp + kk] = T(0);
-        }
-      }
-#ifdef JSP_FAST_OPENMP
-#pragma omp for schedule(static)
-#endif
-      for (int64_t j = 0; j < nnzb; ++j) {
-        const int64_t rb = lay.block_row[j], cb = lay.col_idx[j];
-        T* out = gv + j * bm * bk;
+      for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+        if (lay.row_ptr[rb] == lay.row_ptr[rb + 1]) continue;
+        const int64_t nc = std::min(chunk, B - c0);
         for (int64_t p = 0; p < opan; ++p) {
-          const T* gpan = gp.data() + (rb * opan + p) * chunk * kRows;
+          const int64_t o0 = rb * bm + p * kRows;
           const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
-          for (int64_t sub = 0; sub < bkp; sub += kMaxNV * L) {
-            const T* xs = xq.data() + cb * bkp + sub;
-            auto finish = [&](auto& acc, int nv) {
-              for (int r = 0; r < no; ++r)
-                for (int v = 0; v < nv; ++v) {
-                  T* o = out + (p * kRows + r) * bk + sub + v * L;
-                  const int64_t lanes = bk - sub - v * L;
-                  V a = acc[r][v];
-                  if (c0 > 0) {
-                    if (lanes >= L) {
-                      a += simd::load<T>(o);
-                    } else {
-                      for (int64_t i = 0; i < lanes; ++i) a[i] += o[i];
-                    }
-                  }
-                  store_lanes<T>(o, a, lanes);
-                }
-            };
-            if ((bkp - sub) / L >= 2) {
-              V acc[kRows][2];
-              for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = V{};
-              micro_accumulate<T, kRows, 2>(gpan, xs, nc, kp, acc);
-              finish(acc, 2);
-            } else {
-              V acc[kRows][1];
-              for (int r = 0; r < kRows; ++r) acc[r][0] = V{};
-              micro_accumulate<T, kRows, 1>(gpan, xs, nc, kp, acc);
-              finish(acc, 1);
+          T* d = gp.data() + p * chunk * kRows;
+          for (int64_t b = 0; b < nc; ++b) {
+            const T* src = g + (c0 + b) * n + o0;
+            for (int r = 0; r < kRows; ++r) d[b * kRows + r] = r < no ? src[r] : T(0);
+          }
+        }
+        for (int64_t j = lay.row_ptr[rb]; j < lay.row_ptr[rb + 1]; ++j) {
+          const int64_t cb = lay.col_idx[j];
+          T* out = gv + j * bm * bk;
+          const T* xbase = x + c0 * k + cb * bk;
+          int64_t ldx = k;
+          if (!direct) {
+            for (int64_t b = 0; b < nc; ++b) {
+              std::memcpy(xq.data() + b * bkp, xbase + b * k, size_t(bk) * sizeof(T));
+              for (int64_t kk = bk; kk < bkp; ++kk) xq.data()[b * bkp + kk] = T(0);
+            }
+            xbase = xq.data();
+            ldx = bkp;
+          }
+          for (int64_t p = 0; p < opan; ++p) {
+            const T* gpan = gp.data() + p * chunk * kRows;
+            const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
+            for (int64_t sub = 0; sub < bkp; sub += kMaxNV * L) {
+              if ((bkp - sub) / L >= 2)
+                wg_tile<T, 2>(gpan, xbase + sub, nc, ldx, out + p * kRows * bk + sub, bk, no, bk - sub, c0 > 0);
+              else
+                wg_tile<T, 1>(gpan, xbase + sub, nc, ldx, out + p * kRows * bk + sub, bk, no, bk - sub, c0 > 0);
             }
           }
         }
       }
-      // (implicit barrier: the next chunk's packing must wait for every block of this one)
     }
   }
 }

@@ -1,0 +1,150 @@
+"""Block-sparse layer report: the design's key configs in one round-robin run -> bench/RESULTS.md.
+
+    python bench/report.py [--repeats 9] [--batch 4096] [--width 1024] [--block 32] [--no-write]
+
+For each density (0.5, 0.25, 0.1, 0.05) and op (fwd, jvp, fwd_bwd) every provider of
+bench/bsr_providers.py is timed in turn within each repeat (so they share the machine's noise);
+medians are reported. Writes (replaces) the "Block-sparse layer (CPU)" section of bench/RESULTS.md
+and leaves the rest of the file alone.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bsr_providers import OPS, PROVIDERS, Case, Setup, set_threads, time_round_robin  # noqa: E402
+
+import jsp_fast as jf  # noqa: E402
+
+SECTION = "## Block-sparse layer (CPU)"
+DENSITIES = (0.5, 0.25, 0.1, 0.05)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except Exception:  # noqa: BLE001
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def dense_gemm_rate(width: int, batch: int, repeats: int) -> float:
+    x = torch.randn(batch, width)
+    W = torch.randn(width, width)
+    t = time_round_robin({"gemm": lambda: F.linear(x, W)}, repeats)["gemm"]
+    return 2.0 * batch * width * width / t / 1e9
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--block", type=int, default=32)
+    p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    threads = set_threads()
+    dens = [float(d) for d in args.densities.split(",")]
+    info = jf._C.build_info() if jf._C is not None else {}
+    t_start = time.time()
+    gemm = dense_gemm_rate(args.width, args.batch, args.repeats)
+    rows = []
+    for d in dens:
+        res = {}
+        for op in OPS:
+            s = Setup(Case(op, args.width, args.batch, args.block, d))
+            fns = {k: f for k in PROVIDERS if (f := s.fn(k)) is not None}
+            res[op] = time_round_robin(fns, args.repeats)
+            print(f"d={s.density:.3f} {op}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res[op].items()),
+                  flush=True)
+        rows.append((s.density, d, res))
+    elapsed = time.time() - t_start
+
+    B, N = args.batch, args.width
+    flops = 2.0 * B * N * N
+    ms = lambda t: f"{t * 1e3:.1f}" if t is not None else "—"  # noqa: E731
+    out = [SECTION, ""]
+    out.append(
+        f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_model()} "
+        f"({os.cpu_count()} cores, {threads} torch/OpenMP threads, kernels built for {info.get('simd', '?')}), "
+        f"torch {torch.__version__}; fp32, {N}×{N} layer, batch {B}, {args.block}×{args.block} blocks, "
+        f"epilogue `tanh(scale ⊙ (x Wᵀ) + bias)`; medians of {args.repeats} round-robin repeats "
+        f"(all providers timed in turn within each repeat), {elapsed:.0f} s in all."
+    )
+    out.append("")
+    cmd = "python bench/report.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    out.append(f"Command: `{cmd.strip()}`" + (f" with `JSP_FAST_BENCH_THREADS={threads}`" if threads != 2 else ""))
+    out.append("")
+    out.append("Providers: `dense` = `F.linear` with the dense weight + the same epilogue in torch; `masked` = "
+               "`F.linear(x, W * mask)` + epilogue; `torch_bsr` = torch's CPU BSR (`W.to_sparse_bsr`) + epilogue "
+               "(no CPU backward); `ours` = `jf.ops.bsr_linear[_jvp]`, backend `cpu`. `jvp`: value and one "
+               "tangent; `fwd_bwd`: forward + gradients w.r.t. x, weight, scale and bias.")
+    out.append("")
+    out.append("| density | op | dense ms | masked ms | torch_bsr ms | ours ms | × dense | goal 0.7/d | × torch_bsr | "
+               "ours GFLOP/s (kept) | % of dense GEMM rate |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for dd, d, res in rows:
+        for op in OPS:
+            r = res[op]
+            ours = r["ours"]
+            mult = {"fwd": 1, "jvp": 2, "fwd_bwd": 3}[op]
+            rate = mult * flops * dd / ours / 1e9
+            tb = r.get("torch_bsr")
+            goal = f"{0.7 / dd:.1f}×" if op == "fwd" else ""
+            out.append(
+                f"| {dd:.3f} | {op} | {ms(r['dense'])} | {ms(r['masked'])} | {ms(tb)} | {ms(ours)} | "
+                f"{r['dense'] / ours:.2f}× | {goal} | {(f'{tb / ours:.1f}×' if tb else '—')} | {rate:.0f} | "
+                f"{100 * rate / gemm:.0f}% |"
+            )
+    out.append("")
+    out.append("| density | ours jvp / ours fwd (goal ≤ 2.2) |")
+    out.append("| --- | --- |")
+    for dd, d, res in rows:
+        out.append(f"| {dd:.3f} | {res['jvp']['ours'] / res['fwd']['ours']:.2f} |")
+    out.append("")
+    out.append(f"Dense GEMM rate measured in the same run (`F.linear`, {B}×{N}×{N}): {gemm:.0f} GFLOP/s. "
+               "`ours GFLOP/s` counts only the kept blocks' multiply-adds (fwd: 1 product, jvp: 2, fwd_bwd: 3 "
+               "— forward, input gradient, weight gradient; the recomputed product for the scale gradient is "
+               "not counted).")
+    out.append("")
+    md = "\n".join(out) + "\n"
+    print(md)
+    if not args.no_write:
+        write_section(Path(args.results), md)
+        print(f"wrote {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
