@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
     rows = run_e2e(args.datasets, args.sparsities, args.providers, args.repeats, args.n, args.solver, args.tol,
                    args.prune, args.seed, args.quiet)
     command = getattr(args, "command_line", None) or "jsp-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if os.environ.get("OMP_WAIT_POLICY"):
+        command = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} {command}"
     md = format_markdown(rows, command, args.solver, args.tol, args.prune)
     if args.no_write:
         print(md)
