@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     dens = [float(d) for d in args.densities.split(",")]
     info = jf._C.build_info() if jf._C is not None else {}
     t_start = time.time()
+    load_start = os.getloadavg()[0]
     gemm = dense_gemm_rate(args.width, args.batch, args.repeats)
     rows = []
     for d in dens:
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
             print(f"d={s.density:.3f} {op}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res[op].items()),
                   flush=True)
         rows.append((s.density, d, res))
+    # The density-independent part of `ours` fwd: a single kept block (x read and packed, the epilogue
+    # and the output stores, no product to speak of).
+    s0 = Setup(Case("fwd", args.width, args.batch, args.block, 0.0))
+    fixed = time_round_robin({"ours": s0.fn("ours")}, args.repeats)["ours"]
     elapsed = time.time() - t_start
 
     B, N = args.batch, args.width
@@ -100,7 +105,9 @@ def main(argv=None) -> int:
         f"({os.cpu_count()} cores, {threads} torch/OpenMP threads, kernels built for {info.get('simd', '?')}), "
         f"torch {torch.__version__}; fp32, {N}×{N} layer, batch {B}, {args.block}×{args.block} blocks, "
         f"epilogue `tanh(scale ⊙ (x Wᵀ) + bias)`; medians of {args.repeats} round-robin repeats "
-        f"(all providers timed in turn within each repeat), {elapsed:.0f} s in all."
+        f"(all providers timed in turn within each repeat), {elapsed:.0f} s in all. Load average "
+        f"{load_start:.1f} at the start and {os.getloadavg()[0]:.1f} at the end of the run (the machine is "
+        f"shared: when other jobs run, every provider slows down, `dense` included; compare ratios within a row)."
     )
     out.append("")
     cmd = "python bench/report.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -132,6 +139,9 @@ def main(argv=None) -> int:
     out.append("| --- | --- |")
     for dd, d, res in rows:
         out.append(f"| {dd:.3f} | {res['jvp']['ours'] / res['fwd']['ours']:.2f} |")
+    out.append("")
+    out.append(f"Fixed cost of `ours` fwd (a single kept block: reading and packing x, the fused epilogue, "
+               f"streaming the output): {fixed * 1e3:.1f} ms; it is what keeps low densities from 1/d.")
     out.append("")
     out.append(f"Dense GEMM rate measured in the same run (`F.linear`, {B}×{N}×{N}): {gemm:.0f} GFLOP/s. "
                "`ours GFLOP/s` counts only the kept blocks' multiply-adds (fwd: 1 product, jvp: 2, fwd_bwd: 3 "
