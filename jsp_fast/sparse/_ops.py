@@ -13,7 +13,8 @@ itself differentiable (double backward, needed because CNF training differentiat
 trace). The products are bilinear: d(g W)/dg = fwd, d(g W)/dW = weight_grad, d(gᵀx)/dg = fwd,
 d(gᵀx)/dx = t_matmul. The activation's derivative is taken from the saved output y (see
 ``dact_from_y``), so nothing but y is kept from the forward. The product ``x Wᵀ`` needed for the
-gradient of ``scale`` is recomputed in the backward (one forward's cost, only when scale needs grad).
+gradient of ``scale`` is not recomputed: that gradient is read off the kept-block product gᵀx that
+the weight gradient needs anyway (``_weight_and_scale_grads``).
 
 NaN policy: no check is made (it would cost a pass over the data). NaN/Inf in x, the weights, scale or
 bias propagate into the outputs they reach, as in the dense computation; one difference is that a
@@ -114,15 +115,37 @@ def _fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(x, values, scale, output, *tables)
 
 
+def _weight_and_scale_grads(g, xs, values, tables, scale, backend, need_v, need_s):
+    """Gradients of the weight values and of scale from one kept-block product P = gᵀxs.
+
+    ``g`` is the gradient w.r.t. ``scale ⊙ (xs Wᵀ)``. Then grad(values) = scale[rows] ⊙ P and
+    grad(scale)[n] = Σ_b g[b,n] (xs Wᵀ)[b,n] = Σ_kept-k W[n,k] P[n,k]: O(weights) work instead of
+    recomputing the O(batch · weights) product x Wᵀ. Differentiable (double backward).
+    """
+    if not (need_v or (need_s and scale is not None)):
+        return None, None
+    P = bsr_weight_grad(g, xs, values, *tables, backend)
+    if scale is None:
+        return P, None
+    block_row, bm = tables[2], values.shape[1]
+    gv = P * scale.reshape(-1, bm)[block_row].unsqueeze(2) if need_v else None
+    gs = None
+    if need_s:
+        per = (values * P).sum(2)  # [nnzb, bm]
+        gs = per.new_zeros(scale.shape[0] // bm, bm).index_add(0, block_row, per).reshape(-1)
+    return gv, gs
+
+
 def _fwd_backward(ctx, gy):
     x, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
     gpre = gy if act == "none" else gy * B.dact_from_y(act, y)
-    gu = gpre if scale is None else gpre * scale
-    gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
-    gv = bsr_weight_grad(gu, x, values, *tables, backend) if need[1] else None
-    gscale = (gpre * _u(x, values, tables, backend)).sum(0) if ctx.has_scale and need[8] else None
+    gx = None
+    if need[0]:
+        gx = bsr_t_matmul(gpre if scale is None else gpre * scale, values, *tables, backend)
+    gv, gscale = _weight_and_scale_grads(gpre, x, values, tables, scale, backend, need[1],
+                                         ctx.has_scale and need[8])
     gbias = gpre.sum(0) if ctx.has_bias and need[9] else None
     return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
 
@@ -148,24 +171,23 @@ def _jvp_backward(ctx, gy, gyd):
     gyd = y.new_zeros(T, Bn, y.shape[1]) if gyd is None else gyd
     d = B.dact_from_y(act, y)
     s = scale if scale is not None else None
-    ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
-    gud = gyd * d if s is None else gyd * (d * s)  # grad w.r.t. ud[t]
+    gdu = gyd * d  # grad w.r.t. s ⊙ ud[t]
+    gud = gdu if s is None else gdu * s  # grad w.r.t. ud[t]
     gy_tot = gy
     dd = B.ddact_dy(act, y)
-    if dd is not None:  # y_dot depends on y through d(y)
+    if dd is not None:  # y_dot depends on y through d(y): needs ud = x_dot Wᵀ again
+        ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
         su = (gyd * ud).sum(0)
         gy_tot = gy_tot + dd * (su if s is None else su * s)
     gpre = gy_tot * d
     gu = gpre if s is None else gpre * s
     gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
     gxd = bsr_t_matmul(gud.reshape(T * Bn, -1), values, *tables, backend).reshape(T, Bn, K) if need[1] else None
-    gv = None
-    if need[2]:
-        gv = bsr_weight_grad(torch.cat([gu, gud.reshape(T * Bn, -1)]), torch.cat([x, x_dot.reshape(T * Bn, K)]),
-                             values, *tables, backend)
-    gscale = None
-    if ctx.has_scale and need[9]:
-        gscale = (gpre * _u(x, values, tables, backend)).sum(0) + (gyd * d * ud).sum((0, 1))
+    gv, gscale = None, None
+    if need[2] or (ctx.has_scale and need[9]):
+        gv, gscale = _weight_and_scale_grads(
+            torch.cat([gpre, gdu.reshape(T * Bn, -1)]), torch.cat([x, x_dot.reshape(T * Bn, K)]), values,
+            tables, s, backend, need[2], ctx.has_scale and need[9])
     gbias = gpre.sum(0) if ctx.has_bias and need[10] else None
     return (gx, gxd, gv) + (None,) * 6 + (gscale, gbias, None, None)
 
