@@ -326,9 +326,16 @@ def test_nan_propagates_to_its_row():
         assert torch.isfinite(torch.cat([y[:5], y[6:]])).all(), act
 
 
+# torch.compile takes ~10 s here; opcheck's test_aot_dispatch_dynamic already covers the traced path.
 @pytest.mark.skipif(os.environ.get("JSP_FAST_SLOW") is None, reason="set JSP_FAST_SLOW=1")
 def test_compile_fullgraph():
     w, _, _ = make(32, 64, (16, 16), 0.5, torch.float32, seed=90)
-    f = torch.compile(lambda x: jf.ops.bsr_linear(x, w, None, None, "tanh"), fullgraph=True)
+    s = torch.rand(32) + 0.5
+    f = torch.compile(lambda x: jf.ops.bsr_linear(x, w, s, None, "tanh"), fullgraph=True)
     x = torch.randn(6, 64)
-    torch.testing.assert_close(f(x), jf.ops.bsr_linear(x, w, None, None, "tanh"))
+    torch.testing.assert_close(f(x), jf.ops.bsr_linear(x, w, s, None, "tanh"))
+    g = torch.compile(lambda x, xd: jf.ops.bsr_linear_jvp(x, xd, w, s, None, "softplus"), fullgraph=True)
+    xr = x.clone().requires_grad_()
+    y, yd = g(xr, torch.randn(2, 6, 64))
+    (y.sum() + yd.square().sum()).backward()
+    assert xr.grad is not None and torch.isfinite(xr.grad).all()

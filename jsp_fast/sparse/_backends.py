@@ -123,10 +123,13 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, plan:
         if env and env != "auto":
             name = env
     if name == "auto":
-        cands = [b for b in _REGISTRY.values() if b.accepts(plan, dtype, device)]
-        if not cands:
+        best = None  # (a plain loop rather than max(key=...): torch.compile traces this function)
+        for b in _REGISTRY.values():
+            if b.accepts(plan, dtype, device) and (best is None or b.priority > best.priority):
+                best = b
+        if best is None:
             raise ValueError(f"no block-sparse backend for {device.type} / {dtype}; registered: {tuple(_REGISTRY)}")
-        return max(cands, key=lambda b: b.priority).name
+        return best.name
     b = get(name)
     if not b.is_available():
         raise ValueError(f"block-sparse backend {name!r} is not available here; available: {available()}")
