@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._format import BlockSparseWeight
 from ._modules import BlockSparseLinear
 from . import _ops  # noqa: F401  (registers the jsp_fast::bsr_* custom ops)
+from . import _triton  # noqa: F401  (registers "triton" when triton is installed; imports it lazily)
 from ._field import SparseODEnet
 from ._sparsify import sparsify
 
