@@ -59,7 +59,7 @@ def test_entry_point_module_runs():
 
 def test_demo_tiny_budget(capsys, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, err = run(capsys, "demo", "--steps", 20, "--hidden", "16,16", "--n-test", 200, "--grid", 20,
+    code, stdout, err = run(capsys, "demo", "--steps", 20, "--hidden", "32,32", "--n-test", 200, "--grid", 20,
                             "--out", out, "--no-progress")
     assert code == 0, err
     for f in ("data.png", "samples.png", "density.png", "demo.png", "training.png"):
@@ -71,6 +71,13 @@ def test_demo_tiny_budget(capsys, tmp_path):
     assert m["initial_val_nll"] > m["final_val_nll"]  # 20 steps already help
     assert m["nfe"]["test_forward"] > 0 and m["time_s"]["total"] > 0
     assert "gap" in stdout
+    # By default the demo prunes with JSP into 8x8 blocks and reruns the trained model block-sparse.
+    assert m["prune"]["method"] == "jsp" and m["prune"]["granularity"] == "block"
+    assert m["prune"]["density"] == pytest.approx(0.2, abs=0.05)
+    sp = m["sparse_speed"]
+    assert sp["sparse_layers"] >= 1 and sp["max_abs_dlogp"] < 1e-2
+    assert sp["sample_ms"]["sparse"] > 0 and sp["log_prob_ms"]["dense"] > 0
+    assert "block-sparse field" in stdout
     # The demo's checkpoint feeds the other commands.
     code, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint", "--n", 50, "--out", tmp_path / "s.npy")
     assert code == 0, err
