@@ -1,5 +1,6 @@
 // Fused concatsquash field: see field.h for the math and the packed layout.
 #include "cpu/field.h"
+#include "cpu/bsr_kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -41,22 +42,8 @@ inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
 #pragma GCC unroll 4
     for (int j = 0; j < PV; ++j) acc[r][j] = vec{};
   const T* wbase = lay.w.data();
-  for (int64_t s = lay.panel_seg[p]; s < lay.panel_seg[p + 1]; ++s) {
-    const T* xs = x + lay.seg_k0[s];
-    const T* ws = wbase + lay.seg_off[s];
-    const int64_t len = lay.seg_len[s];
-    for (int64_t kk = 0; kk < len; ++kk) {
-      vec w[PV];
-#pragma GCC unroll 4
-      for (int j = 0; j < PV; ++j) w[j] = simd::load<T>(ws + kk * P + j * L);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const T xv = xs[r * ldx + kk];
-#pragma GCC unroll 4
-        for (int j = 0; j < PV; ++j) acc[r][j] += xv * w[j];
-      }
-    }
-  }
+  for (int64_t s = lay.panel_seg[p]; s < lay.panel_seg[p + 1]; ++s)
+    bsr::micro_rows<T, R, PV>(x + lay.seg_k0[s], ldx, wbase + lay.seg_off[s], lay.seg_len[s], P, acc);
 }
 
 // One layer over a tile: `in` holds G = 1 + ntan groups of TB rows (values first), `out` the same.
