@@ -145,9 +145,8 @@ def test_sparsify_leaves_original_and_resparsifies():
     assert isinstance(again.net, SparseODEnet)
 
 
-def test_deepcopy_and_pickle_after_fused_use():
+def test_deepcopy_after_fused_use():
     import copy
-    import io
 
     model = _pruned()
     fast = sparsify(model)
@@ -155,19 +154,12 @@ def test_deepcopy_and_pickle_after_fused_use():
     with torch.no_grad():
         ref = fast.log_prob(x)
     twin = copy.deepcopy(fast)
-    buf = io.BytesIO()
-    torch.save(fast, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
     with torch.no_grad():
-        for m in (twin, loaded):
-            assert (m.log_prob(x) - ref).abs().max() < AGREE
+        assert (twin.log_prob(x) - ref).abs().max() < AGREE
     assert fast.net._plan is not None  # the original keeps its cache
 
 
 def test_public_names():
-    if not hasattr(jf, "sparsify"):
-        pytest.skip("jsp_fast.sparse does not export sparsify yet")
     assert jf.sparsify is sparsify
     assert jf.sparse.SparseODEnet is SparseODEnet
 
