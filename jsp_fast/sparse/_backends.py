@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .._ext import _C
+from ..cnf._layers import activate as act_torch  # the dense field's activations are the reference
 from ._format import Plan, blocks_to_dense
 
 ENV_VAR = "JSP_FAST_BACKEND"
@@ -144,20 +145,6 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype, plan:
 
 
 # ---- activations on tensors (torch reference) ------------------------------------------------------
-def act_torch(act: str, pre: torch.Tensor) -> torch.Tensor:
-    if act == "tanh":
-        return torch.tanh(pre)
-    if act == "softplus":
-        return F.softplus(pre)
-    if act == "elu":
-        return F.elu(pre)
-    if act == "relu":
-        return F.relu(pre)
-    if act == "sigmoid":
-        return torch.sigmoid(pre)
-    return pre
-
-
 def dact_from_y(act: str, y: torch.Tensor) -> torch.Tensor:
     """act'(pre) written in terms of y = act(pre) only, with differentiable ops.
 
