@@ -13,8 +13,12 @@ Steps (each timed with triton.testing.do_bench: synchronised, median of repeated
 3. the whole concatsquash field (value + Hutchinson tangent) at widths <= 512 and 90% block sparsity:
    our one-launch fused kernel against torch eager dense ``ODEnet.jvp`` (and ``torch.compile`` of it
    with ``--compile``);
+   and, when ``jsp_fast._C`` was built with ``JSP_FAST_CUDA=ON``, the CUDA C++ fused MLP;
 4. a full fixed-step RK4 solve of the CNF state (z, log-density via Hutchinson) with the field
-   captured in a CUDA graph (the whole solve is one graph replay), against the eager dense solve.
+   captured in a CUDA graph (the whole solve is one graph replay), against the eager dense solve;
+5. the user's path end to end: ``jf.sparsify(cnf)`` of a pruned CNF, ``sample`` and ``log_prob``
+   (torchdiffeq dopri5, Hutchinson) under ``no_grad`` against the same model dense, with the fused
+   engine that ``SparseODEnet.fused_engine`` picked recorded.
 
 Prints a table and writes JSON (``--out``) with every record and the targets checked:
 fused field >= 5x torch eager dense at widths <= 512 and 90% sparsity; layers of width >= 2048 at 10%
@@ -46,7 +50,7 @@ SMOKE = dict(widths=(32,), batches=(19,), densities=(0.5,), field_widths=(32,), 
 
 LAYER_PROVIDERS = ("cublas_fp32", "cublas_tf32", "cublas_bf16", "torch_bsr_fp32", "torch_bsr_bf16",
                    "ours_fp32", "ours_tf32", "ours_bf16")
-FIELD_PROVIDERS = ("dense_eager", "dense_compile", "ours_fused", "ours_fused_tf32")
+FIELD_PROVIDERS = ("dense_eager", "dense_compile", "ours_fused", "ours_fused_tf32", "ours_cuda_fused")
 
 
 # ---- configuration (importable and tested on the CPU) ----------------------------------------------
@@ -150,7 +154,9 @@ def check_targets(records) -> dict:
     fused, wide = [], []
     for (bench, width, batch, density, sparsity), ms in by.items():
         if bench == "field" and width <= 512 and "dense_eager" in ms and "ours_fused" in ms:
-            fused.append(dict(width=width, batch=batch, speedup=ms["dense_eager"] / ms["ours_fused"]))
+            fused.append(dict(width=width, batch=batch, speedup=ms["dense_eager"] / ms["ours_fused"],
+                              cuda_speedup=(ms["dense_eager"] / ms["ours_cuda_fused"]
+                                            if "ours_cuda_fused" in ms else None)))
         if bench == "layer_fwd" and width >= 2048 and abs(density - 0.1) < 1e-9:
             for prec, ours, bsr, dense in (("fp32", "ours_fp32", "torch_bsr_fp32", "cublas_fp32"),
                                            ("tf32", "ours_tf32", "torch_bsr_fp32", "cublas_tf32"),
@@ -161,6 +167,8 @@ def check_targets(records) -> dict:
                                      vs_cublas=ms[dense] / ms[ours] if dense in ms else None))
     return dict(
         fused_field_ge_5x_eager=None if not fused else all(f["speedup"] >= 5 for f in fused),
+        fused_field_cuda_ge_5x_eager=(None if not any(f["cuda_speedup"] for f in fused)
+                                      else all((f["cuda_speedup"] or 0) >= 5 for f in fused)),
         fused_field=fused,
         wide_ge_1_5x_torch_bsr=None if not wide else all((w["vs_torch_bsr"] or 0) >= 1.5 for w in wide),
         wide_ahead_of_cublas=None if not wide else all((w["vs_cublas"] or 0) > 1 for w in wide),
@@ -216,10 +224,10 @@ def _random_grid(nb_r, nb_c, kept, gen):
 
 
 def run_tests(smoke: bool) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "tests/test_triton_bsr.py", "tests/test_triton_fused.py",
-           "tests/test_triton_backend.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_triton_bsr.py", "tests/test_triton_fused.py",
+           "tests/test_triton_backend.py", "tests/test_field_engines.py", "tests/test_cuda_fused.py"]
     if not smoke:
-        cmd += ["-k", "cuda or registered or rejects"]
+        cmd += ["-k", "cuda or gpu or registered or rejects or engine"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -326,6 +334,7 @@ def _make_field(cfg: FieldConfig, activation, device, gen):
 def bench_fields(args, device, measure) -> list[Record]:
     import torch  # noqa: PLC0415
 
+    from jsp_fast.sparse import _cuda  # noqa: PLC0415
     from jsp_fast.sparse._triton import field_plan  # noqa: PLC0415
 
     records = []
@@ -347,17 +356,24 @@ def bench_fields(args, device, measure) -> list[Record]:
                  "ours_fused_tf32": lambda plan=plan, z=z, eps=eps, t=t: plan(z, eps, t=t, tf32=True)}
         if args.compile and device.type == "cuda":
             provs["dense_compile"] = torch.compile(dense)
-        with torch.no_grad():  # correctness of the fused field on this config before timing it
+        errs = {}
+        with torch.no_grad():  # correctness of each fused field on this config before timing it
             f_ref, je_ref = net.jvp(t, z, eps[None])
             f, je = plan(z, eps, t=t, tf32=False)
-            err = max((f - f_ref).abs().max().item(), (je - je_ref[0]).abs().max().item())
+            errs["ours_fused"] = errs["ours_fused_tf32"] = max((f - f_ref).abs().max().item(),
+                                                               (je - je_ref[0]).abs().max().item())
+            if _cuda.available() and device.type == "cuda":
+                layers = _cuda.field_layers(net, device)
+                provs["ours_cuda_fused"] = lambda layers=layers, z=z, eps=eps, t=t: _cuda.fused_mlp(z, layers, eps[None], t)
+                f, je = provs["ours_cuda_fused"]()
+                errs["ours_cuda_fused"] = max((f - f_ref).abs().max().item(), (je - je_ref).abs().max().item())
         for name, fn in provs.items():
             try:
                 ms = measure(fn)
             except Exception as e:
                 records.append(Record("field", name, conf, float("nan"), dict(error=repr(e)[:300])))
                 continue
-            records.append(Record("field", name, conf, ms, dict(max_abs_err_vs_dense=err) if name.startswith("ours") else {}))
+            records.append(Record("field", name, conf, ms, dict(max_abs_err_vs_dense=errs[name]) if name in errs else {}))
             print(f"  field W={cfg.width:4d} B={cfg.batch:6d} {name:16s} {ms:9.4f} ms", flush=True)
     return records
 
@@ -437,6 +453,40 @@ def bench_solves(args, device, measure) -> list[Record]:
     return records
 
 
+def bench_e2e(args, device, measure) -> list[Record]:
+    """``jf.sparsify`` of a pruned CNF against the dense model: sample and log_prob, torchdiffeq dopri5."""
+    import torch  # noqa: PLC0415
+
+    import jsp_fast as jf  # noqa: PLC0415
+
+    records = []
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    for width in sorted({c.width for c in field_configs(args)}):
+        cfg = FieldConfig(args.field_dim, width, args.field_depth, max(args.field_batches), args.field_sparsity,
+                          args.block)
+        net = _make_field(cfg, args.activation, device, gen)
+        model = jf.CNF(dim=cfg.dim, trace="hutchinson", rtol=1e-5, atol=1e-5, net=net).to(device)
+        model.eval()
+        fast = jf.sparsify(model)
+        x = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device)
+        with torch.no_grad():
+            engine = fast.net.fused_engine(x, x[None])
+            torch.manual_seed(0)  # the same Hutchinson noise for both
+            lp_d = model.log_prob(x)
+            torch.manual_seed(0)
+            lp_s = fast.log_prob(x)
+            err = (lp_d - lp_s).abs().max().item()
+        conf = dict(asdict(cfg), engine=engine)
+        for name, fn in (("dense_log_prob", lambda: model.log_prob(x)), ("ours_log_prob", lambda: fast.log_prob(x)),
+                         ("dense_sample", lambda: model.sample(cfg.batch, seed=0)),
+                         ("ours_sample", lambda: fast.sample(cfg.batch, seed=0))):
+            with torch.no_grad():
+                ms = measure(fn)
+            records.append(Record("e2e", name, conf, ms, dict(max_abs_logp_err=err)))
+            print(f"  e2e W={width:4d} B={cfg.batch:6d} {name:16s} {ms:9.3f} ms  (engine {engine})", flush=True)
+    return records
+
+
 # ---- report ----------------------------------------------------------------------------------------
 def table(records) -> str:
     rows = {}
@@ -445,7 +495,7 @@ def table(records) -> str:
         key = (r.bench, c.get("width"), c.get("batch"), c.get("density", c.get("sparsity")))
         rows.setdefault(key, {})[r.provider] = r.ms
     lines = []
-    for bench in ("layer_fwd", "layer_jvp", "field", "solve"):
+    for bench in ("layer_fwd", "layer_jvp", "field", "solve", "e2e"):
         keys = [k for k in rows if k[0] == bench]
         if not keys:
             continue
@@ -487,6 +537,8 @@ def main(argv=None) -> int:
     records += bench_fields(args, device, measure)
     print("# RK4 solve")
     records += bench_solves(args, device, measure)
+    print("# end to end (jf.sparsify)")
+    records += bench_e2e(args, device, measure)
     out["records"] = [asdict(r) for r in records]
     out["targets"] = check_targets(out["records"])
     print(table(records))

@@ -6,28 +6,18 @@ registered with a priority below "torch" so "auto" never picks it.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
+
+from _triton_util import INTERPRET, skip_unless_triton_runs  # noqa: E402
 
 import jsp_fast as jf  # noqa: E402
 from jsp_fast.sparse import BlockSparseWeight  # noqa: E402
 from jsp_fast.sparse import _triton  # noqa: E402,F401  (registers "triton")
 
 SHAPES = {"cpu": dict(B=23, n=48, k=32, block=(16, 16)), "cuda": dict(B=2051, n=512, k=384, block=(32, 32))}
-
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _skip(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if device == "cpu" and not INTERPRET:
-        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1 (set by conftest without a GPU)")
 
 
 def _weight(device, dtype, seed, requires_grad=False):
@@ -58,7 +48,7 @@ def test_registered():
 
 @pytest.mark.parametrize("act", ["tanh", "softplus", "relu"])
 def test_ops_forward_and_jvp(device, act):
-    _skip(device)
+    skip_unless_triton_runs(device)
     w, x, scale, bias, gen = _weight(device, torch.float32, 1)
     y_t = jf.ops.bsr_linear(x, w, scale, bias, act, backend="triton")
     y_r = jf.ops.bsr_linear(x, w, scale, bias, act, backend="torch")
@@ -85,7 +75,7 @@ def _grads(backend, device, act, double):
 
 @pytest.mark.parametrize("double", [False, True], ids=["grad", "double-grad"])
 def test_ops_autograd(device, double):
-    _skip(device)
+    skip_unless_triton_runs(device)
     for a, b in zip(_grads("triton", device, "tanh", double), _grads("torch", device, "tanh", double)):
         if b is None:
             assert a is None or a.abs().max() == 0
@@ -95,7 +85,7 @@ def test_ops_autograd(device, double):
 
 def test_field_plan_matches_sparse_odenet(device):
     """``field_plan`` (one fused launch) agrees with a sparsified field's per-layer jvp."""
-    _skip(device)
+    skip_unless_triton_runs(device)
     from jsp_fast.cnf import ODEnet  # noqa: PLC0415
     from jsp_fast.sparse._field import SparseODEnet  # noqa: PLC0415
 

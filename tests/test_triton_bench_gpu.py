@@ -62,6 +62,9 @@ def test_check_targets(gpu):
     recs[2]["ms"] = 0.9
     assert gpu.check_targets(recs)["wide_ahead_of_cublas"] is False
     assert gpu.check_targets([])["fused_field_ge_5x_eager"] is None
+    assert t["fused_field_cuda_ge_5x_eager"] is None  # no CUDA-build records
+    recs.append(dict(bench="field", provider="ours_cuda_fused", config=fld, ms=2.0))
+    assert gpu.check_targets(recs)["fused_field_cuda_ge_5x_eager"] is False
 
 
 def test_no_cuda_message(gpu, monkeypatch):
@@ -79,7 +82,12 @@ def test_smoke_run(gpu, tmp_path):
     data = json.loads(out.read_text())
     benches = {(r["bench"], r["provider"]) for r in data["records"]}
     assert {("layer_fwd", "ours_fp32"), ("layer_fwd", "cublas_fp32"), ("field", "ours_fused"),
-            ("solve", "ours_eager"), ("solve", "dense_eager")} <= benches
+            ("solve", "ours_eager"), ("solve", "dense_eager"), ("e2e", "ours_log_prob"),
+            ("e2e", "dense_sample")} <= benches
     assert not [r for r in data["records"] if "error" in r["extra"]]
     errs = [r["extra"]["max_abs_err_vs_dense"] for r in data["records"] if "max_abs_err_vs_dense" in r["extra"]]
     assert errs and max(errs) < 1e-4
+    # on the CPU "auto" takes the C++ field (the interpreter is never automatic); its log-densities agree
+    e2e = [r for r in data["records"] if r["bench"] == "e2e"]
+    assert {r["config"]["engine"] for r in e2e} == {"cpu"}
+    assert max(r["extra"]["max_abs_logp_err"] for r in e2e) < 1e-3

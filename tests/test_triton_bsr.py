@@ -10,29 +10,15 @@ error can be zero on tiny sums), as flash-attention's tests judge accuracy.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from _triton_util import ACTS, act_grad_ref, act_ref, skip_unless_triton_runs  # noqa: E402
+
 from jsp_fast.kernels import bsr_grad, bsr_linear  # noqa: E402
-
-ACTS = ("none", "tanh", "softplus", "elu", "relu", "sigmoid")
-
-
-def act_ref(name, pre):
-    return {"none": lambda p: p, "tanh": torch.tanh, "softplus": F.softplus, "elu": F.elu, "relu": F.relu,
-            "sigmoid": torch.sigmoid}[name](pre)
-
-
-def act_grad_ref(name, pre):
-    pre = pre.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(act_ref(name, pre).sum(), pre)
-    return g
 
 
 # ---- a tiny independent plan: LUTs from a dense block grid ---------------------------------------
@@ -115,16 +101,6 @@ CASES = {
 CASE_IDS = ["odd-batch-empty-rows", "all-dense", "single-block", "small-blocks", "npot-block", "no-blocks"]
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _skip(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if device == "cpu" and not INTERPRET:
-        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
 def _close(ours, ref64, torch_same_precision, dtype):
     if ours.numel() == 0:
         assert ours.shape == ref64.shape
@@ -169,7 +145,7 @@ def _torch_same(x, w, scale, bias, act):
 
 # ---- forward ---------------------------------------------------------------------------------------
 def _test_forward(device, case, act, with_scale, with_bias, dtype=torch.float32, seed=0):
-    _skip(device)
+    skip_unless_triton_runs(device)
     plan, x, scale, bias, _ = _setup(device, case, dtype, seed)
     scale = scale if with_scale else None
     bias = bias if with_bias else None
@@ -199,7 +175,7 @@ def test_forward_dtypes(device, dtype):
 
 
 def test_forward_leading_dims_and_prod(device):
-    _skip(device)
+    skip_unless_triton_runs(device)
     plan, x, scale, bias, gen = _setup(device, CASES[device][0], torch.float32, 3)
     x3 = x.reshape(1, *x.shape).expand(2, *x.shape).contiguous()
     y, prod = bsr_linear.bsr_linear_fwd(x3, plan.values, plan.row_ptr, plan.col_idx, plan.shape, scale, bias,
@@ -211,7 +187,7 @@ def test_forward_leading_dims_and_prod(device):
 
 
 def test_forward_rejects_bad_inputs():
-    _skip("cpu")
+    skip_unless_triton_runs("cpu")
     plan, x, scale, bias, _ = _setup("cpu", CASES["cpu"][0], torch.float32, 0)
     with pytest.raises(ValueError, match="features"):
         bsr_linear.bsr_linear_fwd(x[:, :-1], plan.values, plan.row_ptr, plan.col_idx, plan.shape)
@@ -225,7 +201,7 @@ def test_forward_rejects_bad_inputs():
 
 # ---- forward + JVP -----------------------------------------------------------------------------------
 def _test_jvp(device, case, act, T, with_scale=True, with_bias=True, dtype=torch.float32, seed=0, max_chunk=8):
-    _skip(device)
+    skip_unless_triton_runs(device)
     plan, x, scale, bias, gen = _setup(device, case, dtype, seed)
     scale = scale if with_scale else None
     bias = bias if with_bias else None
@@ -268,7 +244,7 @@ def test_jvp_float64(device):
 # ---- transposed product and weight gradient ---------------------------------------------------------
 @pytest.mark.parametrize("case", range(6), ids=CASE_IDS)
 def test_t_matmul(device, case):
-    _skip(device)
+    skip_unless_triton_runs(device)
     plan, x, _, _, gen = _setup(device, CASES[device][case], torch.float32, 40 + case)
     g = torch.randn(x.shape[0], plan.shape[0], generator=gen).to(device)
     dx = bsr_grad.bsr_t_matmul(g, plan.values, plan.col_ptr, plan.t_row, plan.t_perm, plan.shape)
@@ -278,7 +254,7 @@ def test_t_matmul(device, case):
 
 @pytest.mark.parametrize("case", range(6), ids=CASE_IDS)
 def test_weight_grad(device, case):
-    _skip(device)
+    skip_unless_triton_runs(device)
     plan, x, _, _, gen = _setup(device, CASES[device][case], torch.float32, 50 + case)
     g = torch.randn(x.shape[0], plan.shape[0], generator=gen).to(device)
     dv = bsr_grad.bsr_weight_grad(g, x, plan.row_idx, plan.col_idx, (plan.bm, plan.bk))
@@ -288,7 +264,7 @@ def test_weight_grad(device, case):
 
 def test_weight_grad_split_batch(device):
     # a batch long enough for several splits (partials summed by the launcher)
-    _skip(device)
+    skip_unless_triton_runs(device)
     case = (300, 2, 2, (16, 16), "dense") if device == "cpu" else (70001, 4, 4, (32, 32), "random")
     plan, x, _, _, gen = _setup(device, case, torch.float64, 60)
     g = torch.randn(x.shape[0], plan.shape[0], generator=gen, dtype=torch.float64).to(device)
@@ -298,7 +274,7 @@ def test_weight_grad_split_batch(device):
 
 # ---- autograd ----------------------------------------------------------------------------------------
 def _test_autograd(device, act, double_backward=False):
-    _skip(device)
+    skip_unless_triton_runs(device)
     dtype = torch.float64
     plan, x, scale, bias, gen = _setup(device, CASES[device][0], dtype, 70)
     leaves = [t.clone().requires_grad_(True) for t in (x, plan.values, scale, bias)]

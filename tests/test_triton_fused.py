@@ -6,29 +6,14 @@ up to 512. float32 results must be within ~2x torch's own float32 error (+ a sma
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
+from _triton_util import ACTS, act_grad_ref, act_ref, skip_unless_triton_runs  # noqa: E402
+
 from jsp_fast.kernels.fused_field import FusedFieldPlan, fused_field  # noqa: E402
-
-ACTS = ("none", "tanh", "softplus", "elu", "relu", "sigmoid")
-
-
-def act_ref(name, pre):
-    return {"none": lambda p: p, "tanh": torch.tanh, "softplus": F.softplus, "elu": F.elu, "relu": F.relu,
-            "sigmoid": torch.sigmoid}[name](pre)
-
-
-def act_grad_ref(name, pre):
-    pre = pre.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(act_ref(name, pre).sum(), pre)
-    return g
 
 
 def field_ref(z, eps, layers, act):
@@ -74,16 +59,6 @@ SHAPES = {"cpu": dict(B=37, dims=(2, 32, 48, 2), block=16),
           "cuda": dict(B=10007, dims=(16, 512, 512, 512, 16), block=32)}
 
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _skip(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    if device == "cpu" and not INTERPRET:
-        pytest.skip("Triton runs on the CPU only under TRITON_INTERPRET=1 (set by conftest without a GPU)")
-
-
 def _close(ours, ref64, torch32, dtype):
     err = (ours.double() - ref64).abs().max().item()
     scale = max(1.0, ref64.abs().max().item())
@@ -96,7 +71,7 @@ def _close(ours, ref64, torch32, dtype):
 
 def _run(device, act="tanh", kind="random", T=1, with_scale=True, with_bias=True, dtype=torch.float32, seed=0,
          squeeze=True, shape=None, **call):
-    _skip(device)
+    skip_unless_triton_runs(device)
     sh = dict(SHAPES[device], **(shape or {}))
     gen = torch.Generator().manual_seed(seed)
     layers = make_layers(sh["dims"], sh["block"], kind, gen, dtype, device, with_scale, with_bias)
@@ -141,7 +116,7 @@ def test_fused_value_only(device):
 
 def test_fused_many_tangents_chunked(device):
     # T=3 tangents with at most 2 per launch: two launches, the second one partial
-    _skip(device)
+    skip_unless_triton_runs(device)
     sh = SHAPES[device]
     gen = torch.Generator().manual_seed(14)
     layers = make_layers(sh["dims"], sh["block"], "random", gen, torch.float64, device)
@@ -167,7 +142,7 @@ def test_fused_small_blocks(device):
 
 def test_fused_concatsquash_odenet(device):
     """``from_specs`` with the time gate computed in the kernel agrees with ``ODEnet.jvp``."""
-    _skip(device)
+    skip_unless_triton_runs(device)
     from jsp_fast.cnf import ODEnet  # noqa: PLC0415
 
     torch.manual_seed(0)
@@ -201,7 +176,7 @@ def test_fused_concatsquash_odenet(device):
 
 
 def test_fused_rejects_bad_inputs():
-    _skip("cpu")
+    skip_unless_triton_runs("cpu")
     gen = torch.Generator().manual_seed(0)
     layers = make_layers((2, 32, 2), 16, "dense", gen, torch.float32, "cpu")
     plan = FusedFieldPlan([w for w, _, _ in layers], block=16)

@@ -8,10 +8,25 @@ into ``CNF(net=...)`` or any torchdiffeq right-hand side. Two execution paths:
   as the per-output ``scale``/``bias`` epilogue (``act(g ⊙ (x Wᵀ) + (g ⊙ b + W_b t))``); layers left
   dense run ``F.linear`` with the same math. Gradients reach the kept blocks' values, the biases
   and the gate/shift hyper-layers.
-- **fused** (CPU, float32/float64, inference): the whole field — every layer, value and all T
-  tangents, the time gate — is ONE C++ call (``csrc/cpu/field.cpp``). Taken automatically when no
-  gradient is needed (``torch.no_grad()``, or nothing requires grad), e.g. ``sample``, and
-  ``log_prob``/``transform`` under ``no_grad``. ``fused=False`` turns it off.
+- **fused** (inference): the whole field — every layer, value and all T tangents, the time gate —
+  is ONE call. Taken automatically when no gradient is needed (``torch.no_grad()``, or nothing
+  requires grad), e.g. ``sample``, and ``log_prob``/``transform`` under ``no_grad``; ``fused=False``
+  turns it off. ``fused_engine(z)`` says which runs (see ``FUSED_ENGINES``):
+
+  ========  ====================================  ==========================================
+  engine    where                                  chosen when
+  ========  ====================================  ==========================================
+  cpu       C++ (``csrc/cpu/field.cpp``)           CPU, float32/64, backend auto or "cpu"
+  cuda      CUDA C++ (``csrc/cuda/fused_mlp.cu``)  GPU, float32, widths <= 512, <= 16 layers,
+                                                   ``_C`` built with CUDA, backend auto
+  triton    ``kernels/fused_field.py``             GPU otherwise (backend auto or "triton");
+                                                   CPU only under TRITON_INTERPRET=1 with
+                                                   backend "triton" (tests)
+  ========  ====================================  ==========================================
+
+  On the GPU the time ``t`` stays a device tensor (no host synchronisation per evaluation, so a
+  solve can be captured in a CUDA graph). The CUDA-vs-Triton order under "auto" is provisional:
+  it has not been measured on a GPU yet (``bench/gpu.py``).
 
 Layers that have no ``weight_mask``, keep every weight, or whose mask is not constant on the block
 grid stay dense; ``SparseODEnet.dense_layers`` says which and why (also in ``repr``).
@@ -33,6 +48,7 @@ from ..cnf._layers import ConcatSquashLinear, ODEnet, activate, activation_deriv
 # size, so it is recovered from the mask: the largest of these on which the mask is constant).
 BLOCK_CANDIDATES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32), (16, 16), (8, 8))
 _TABLES = ("_t_row_ptr", "_t_col_idx", "_t_block_row", "_t_col_ptr", "_t_row_idx", "_t_perm")
+FUSED_ENGINES = ("cpu", "cuda", "triton")
 ACT_CODES = {"none": 0, "tanh": 1, "softplus": 2, "elu": 3, "relu": 4, "sigmoid": 5}
 
 
@@ -255,6 +271,33 @@ def build_plan(layers: Sequence[nn.Module], activation: str, dtype: torch.dtype)
     return plan
 
 
+def _run_cpu_plan(plan, t, z, v):
+    z = z.detach().contiguous()
+    B = z.shape[0]
+    f = torch.empty(B, plan.dim_out, dtype=z.dtype)
+    threads = torch.get_num_threads()
+    if v is None:
+        plan.eval(float(t), z.numpy(), None, f.numpy(), None, threads)
+        return f, None
+    v = v.detach().contiguous()
+    jv = torch.empty(v.shape[0], B, plan.dim_out, dtype=z.dtype)
+    plan.eval(float(t), z.numpy(), v.numpy(), f.numpy(), jv.numpy(), threads)
+    return f, jv
+
+
+def _triton_fused_ok(z: torch.Tensor) -> bool:
+    from . import _triton  # noqa: PLC0415
+
+    return _triton.available() and _triton._supports(None, z.dtype, z.device)
+
+
+def _cuda_fused_ok(net: "SparseODEnet", z: torch.Tensor) -> bool:
+    from . import _cuda  # noqa: PLC0415
+
+    return (z.dtype == torch.float32 and _cuda.available() and len(net.layers) <= _cuda.MAX_LAYERS
+            and max(max(l.in_features, l.out_features) for l in net.layers) <= _cuda.MAX_WIDTH)
+
+
 # ---- the field -----------------------------------------------------------------------------------
 class SparseODEnet(nn.Module):
     """Concatsquash field with block-sparse layers; ``forward(t, z)`` and ``jvp(t, z, v)`` like ``ODEnet``.
@@ -354,46 +397,73 @@ class SparseODEnet(nn.Module):
         return f"activation={self.activation!r}, backend={self.backend!r}, fused={self.fused}, dense_layers={{{dense}}}"
 
     # -- execution -----------------------------------------------------------------------------------
-    def _use_fused(self, z: torch.Tensor, v: torch.Tensor | None) -> bool:
-        if not (self.fused and self.backend in ("auto", "cpu") and fused_available()):
-            return False
-        if os.environ.get("JSP_FAST_BACKEND", "") not in ("", "auto", "cpu"):
-            return False
-        if z.device.type != "cpu" or z.dtype not in (torch.float32, torch.float64):
-            return False
-        if torch.is_grad_enabled():
-            if z.requires_grad or (v is not None and v.requires_grad):
-                return False
-            if any(p.requires_grad for p in self.parameters()):
-                return False
-        return True
+    def fused_engine(self, z: torch.Tensor, v: torch.Tensor | None = None) -> str | None:
+        """The one-call field that ``forward(t, z)`` / ``jvp(t, z, v)`` would run on these inputs now
+        (one of ``FUSED_ENGINES``), or None when the per-layer ops run (gradients needed, ``fused=False``,
+        an unsupported device/dtype, or a backend that has no fused field)."""
+        if not self.fused:
+            return None
+        if torch.is_grad_enabled() and (z.requires_grad or (v is not None and v.requires_grad)
+                                        or any(p.requires_grad for p in self.parameters())):
+            return None
+        name = self.backend
+        if name == "auto":
+            name = os.environ.get("JSP_FAST_BACKEND", "").strip().lower() or "auto"
+        if z.device.type == "cpu":
+            if name in ("auto", "cpu") and fused_available() and z.dtype in (torch.float32, torch.float64):
+                return "cpu"
+            if name == "triton" and _triton_fused_ok(z):
+                return "triton"
+            return None
+        if z.device.type == "cuda":
+            if name == "auto" and _cuda_fused_ok(self, z):
+                return "cuda"
+            if name in ("auto", "triton") and _triton_fused_ok(z):
+                return "triton"
+        return None
 
-    def fused_plan(self, dtype: torch.dtype):
-        """The packed plan for ``dtype``, re-packed when any parameter or buffer changed."""
-        key = (dtype,) + tuple((p.data_ptr(), p._version) for p in self.parameters()) + tuple(
+    def _cache_key(self, *extra):
+        return extra + tuple((p.data_ptr(), p._version) for p in self.parameters()) + tuple(
             (b.data_ptr(), b._version) for b in self.buffers())
+
+    def fused_plan(self, dtype: torch.dtype, engine: str = "cpu", device: torch.device | None = None):
+        """The packed plan of ``engine`` for ``dtype`` (and ``device``), re-packed when any parameter or
+        buffer changed: a ``_C.FieldPlanF32/F64`` ("cpu"), a ``kernels.fused_field.FusedFieldPlan``
+        ("triton") or the list of ``_cuda.FusedLayer`` ("cuda")."""
+        key = self._cache_key(engine, dtype, device)
         if self._plan is None or self._plan_key != key:
-            self._plan = build_plan(list(self.layers), self.activation, dtype)
+            self._plan = None  # free the old packing before building the new one
+            if engine == "cpu":
+                self._plan = build_plan(list(self.layers), self.activation, dtype)
+            elif engine == "triton":
+                from ._triton import field_plan  # noqa: PLC0415
+
+                self._plan = field_plan(self)
+            elif engine == "cuda":
+                from ._cuda import field_layers  # noqa: PLC0415
+
+                self._plan = field_layers(self, device)
+            else:
+                raise ValueError(f"unknown fused engine {engine!r}; expected one of {FUSED_ENGINES}")
             self._plan_key = key
         return self._plan
 
-    def _fused(self, t, z, v):
-        plan = self.fused_plan(z.dtype)
-        z = z.detach().contiguous()
-        B = z.shape[0]
-        f = torch.empty(B, plan.dim_out, dtype=z.dtype)
-        threads = torch.get_num_threads()
-        if v is None:
-            plan.eval(float(t), z.numpy(), None, f.numpy(), None, threads)
-            return f, None
-        v = v.detach().contiguous()
-        jv = torch.empty(v.shape[0], B, plan.dim_out, dtype=z.dtype)
-        plan.eval(float(t), z.numpy(), v.numpy(), f.numpy(), jv.numpy(), threads)
-        return f, jv
+    def _fused(self, engine: str, t, z, v):
+        plan = self.fused_plan(z.dtype, engine, z.device)
+        if engine == "cpu":
+            return _run_cpu_plan(plan, t, z, v)
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).detach()
+        with torch.no_grad():
+            if engine == "triton":
+                return plan(z.detach(), None if v is None else v.detach(), t=tt)
+            from ._cuda import fused_mlp  # noqa: PLC0415
+
+            return fused_mlp(z.detach(), plan, None if v is None else v.detach(), t=tt)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        if self._use_fused(z, None):
-            return self._fused(t, z, None)[0]
+        engine = self.fused_engine(z)
+        if engine is not None:
+            return self._fused(engine, t, z, None)[0]
         h = z
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -404,8 +474,9 @@ class SparseODEnet(nn.Module):
         """``(f(t, z), J v)`` for tangents ``v`` of shape [T, B, dim]."""
         if v.dim() != 3 or v.shape[1:] != z.shape:
             raise ValueError(f"v must have shape [T, {z.shape[0]}, {z.shape[1]}], got {tuple(v.shape)}")
-        if self._use_fused(z, v):
-            return self._fused(t, z, v)
+        engine = self.fused_engine(z, v)
+        if engine is not None:
+            return self._fused(engine, t, z, v)
         h, hv = z, v
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):

@@ -16,7 +16,7 @@ def sparsify(model: CNF, backend: str = "auto", block: tuple[int, int] | int | N
     trained); the others stay dense and are listed in ``result.net.dense_layers`` with the reason.
     ``block`` is the block shape the masks were built with (``jf.prune(..., block=...)``); by default
     it is recovered from each mask. ``backend``: ``"auto"`` or one of ``jf.backends.available()``.
-    ``fused=False`` disables the one-call C++ field for inference (the per-layer ops are always
+    ``fused=False`` disables the one-call fused field for inference (the per-layer ops are always
     used when gradients are needed). The original model is not modified.
     """
     if not isinstance(model, CNF):

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything a GPU session should run, in one call (the device tool's machines are lent for minutes):
+# build jsp_fast with the CUDA kernels against the machine's own torch, run the GPU-parametrised
+# tests, then bench/gpu.py. Logs and JSON go to $OUT (default ./gpu-out).
+#
+#   bash bench/gpu_session.sh               # quick grid (about 5 minutes on an H100)
+#   GRID=full bash bench/gpu_session.sh     # the whole grid of bench/gpu.py
+#
+# Each step's exit status is recorded in $OUT/steps.txt and a failing step does not stop the
+# next one, so one call returns as much as it can.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+: >"$OUT/steps.txt"
+
+step() {  # step NAME CMD...: run, tee the log, record the exit status
+  local name=$1
+  shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$OUT/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  return 0
+}
+
+step env bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; nvcc --version | tail -n 2"
+# --no-deps/--no-build-isolation: use the machine's torch, triton, pybind11 and scikit-build-core
+# (nothing can be downloaded there).
+step build env JSP_FAST_CUDA=ON CMAKE_BUILD_PARALLEL_LEVEL=16 \
+  $PY -m pip install --no-deps --no-build-isolation -q -e .
+step build_info $PY -c "import jsp_fast, jsp_fast._C as C; print(C.build_info())"
+# the whole suite: with a GPU every `device`-parametrised test also runs its larger CUDA shapes
+step tests $PY -m pytest -q -p no:cacheprovider -rs tests
+if [ "${GRID:-quick}" = full ]; then
+  step bench $PY bench/gpu.py --skip-tests --compile --out "$OUT/gpu.json"
+else
+  step bench $PY bench/gpu.py --skip-tests --quick --compile --out "$OUT/gpu.json"
+fi
+cat "$OUT/steps.txt"
