@@ -18,3 +18,13 @@ DEVICES = ["cpu"] + (["cuda"] if _has_cuda else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models are overhead-bound, and more threads only
+    oversubscribe a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

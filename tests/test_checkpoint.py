@@ -9,13 +9,7 @@ import jsp_fast as jf
 from jsp_fast import checkpoint as ckpt
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread avoids oversubscription on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, **kw):

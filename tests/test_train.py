@@ -10,13 +10,7 @@ import jsp_fast as jf
 from jsp_fast.train import History
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are overhead-bound; one thread avoids oversubscription on a shared 2-core box.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n, seed):
