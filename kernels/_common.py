@@ -123,7 +123,8 @@ def _act_grad(pre, y, ACT: tl.constexpr):
 def _tile_dot(a, b_t, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b_t^T for a [M, K], b_t [N, K]."""
     if USE_DOT:
-        acc = tl.dot(a, tl.trans(b_t), acc, input_precision=PRECISION)
+        # out_dtype: triton < 3.8 asserts on a float64 acc with the default (float32) out_dtype
+        acc = tl.dot(a, tl.trans(b_t), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     else:
         acc += tl.sum(a[:, None, :].to(acc.dtype) * b_t[None, :, :].to(acc.dtype), axis=2)
     return acc
@@ -133,7 +134,7 @@ def _tile_dot(a, b_t, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 def _tile_dot_nn(a, b, acc, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b for a [M, K], b [K, N]."""
     if USE_DOT:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     else:
         acc += tl.sum(a[:, :, None].to(acc.dtype) * b[None, :, :].to(acc.dtype), axis=1)
     return acc

@@ -3,6 +3,12 @@ cubin through the ptxas that ships with triton). Catches what the interpreter ca
 dtype rules, layouts of reshapes, register/shared-memory limits at compile time.
 
     python -m jsp_fast.kernels._compile_check [--arch 90]      (TRITON_INTERPRET must be unset)
+
+The lent GPU machines run an older triton (3.6.0 in 2026-11) than CI (>= 3.8), and nothing can be
+installed there; check that version too before a GPU session (it caught tl.dot's float64 out_dtype):
+
+    pip install --no-deps --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python -m jsp_fast.kernels._compile_check
 """
 from __future__ import annotations
 
