@@ -113,6 +113,28 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+
+
+def _device(name: str):
+    """``--device`` as a torch.device, or a UsageError naming what is available."""
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device here (torch {torch.__version__}, "
+                             f"torch.cuda.is_available() is False)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def _add_data(p: argparse.ArgumentParser, required: bool = False, default: str | None = None) -> None:
     p.add_argument("--dataset", required=required, default=default,
                    help="a jf.data name: a toy set (8gaussians, checkerboard, ...), digits, or a tabular "
@@ -203,14 +225,14 @@ def _run_info(path: Path) -> dict:
     return {}
 
 
-def _load_checkpoint(path: str):
+def _load_checkpoint(path: str, device=None):
     import jsp_fast as jf
     from .checkpoint import CheckpointError
     p = Path(path)
     if not p.exists() and not any(p.parent.glob(f".{p.name}.old-*")):
         raise UsageError(f"checkpoint {path}: no such file or directory")
     try:
-        return jf.load(p), p
+        return jf.load(p, device=device), p
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
 
@@ -398,6 +420,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
     g.add_argument("--seed", type=_nonneg_int, default=0, help="model init, minibatches and solver noise")
     _add_prune(p)
+    _add_device(p)
     _add_common(p)
 
 
@@ -408,7 +431,9 @@ def cmd_train(args) -> int:
     from .checkpoint import CheckpointError
 
     _set_threads(args.threads)
+    device = _device(args.device)
     ds = _dataset(args.dataset, args.n, args.root, args.data_seed)
+    train_x, val_x = ds.train.to(device), ds.val[: args.val_max].to(device)
     out = Path(args.out)
     _prepare_out(out)
     last = out / "last"
@@ -417,12 +442,12 @@ def cmd_train(args) -> int:
         shutil.rmtree(last)
     resuming = jf.checkpoint.exists(last)
     torch.manual_seed(args.seed)
-    model = _build_model(args, ds.dim)
+    model = _build_model(args, ds.dim).to(device)
     pruned = None
     if resuming:
         print(f"resuming from {last}", file=sys.stderr)
     else:
-        pruned = _maybe_prune(args, model, ds.train, args.seed)
+        pruned = _maybe_prune(args, model, train_x, args.seed)
         if pruned:
             print(f"pruned with {pruned['method']}: kept {pruned['kept']}/{pruned['total']} field weights",
                   file=sys.stderr)
@@ -432,7 +457,7 @@ def cmd_train(args) -> int:
         _write_json(out / RUN_FILE, info)
     reg = {k: v for k, v in (("kinetic", args.reg_kinetic), ("jacobian", args.reg_jacobian)) if v > 0} or None
     try:
-        hist = jf.train(model, ds.train, ds.val[: args.val_max], steps=args.steps, batch_size=args.batch_size,
+        hist = jf.train(model, train_x, val_x, steps=args.steps, batch_size=args.batch_size,
                         lr=args.lr, reg=reg, eval_every=args.eval_every, seed=args.seed, weight_decay=args.weight_decay,
                         bits_per_dim=ds.bits_per_dim, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
                         resume=True, progress=not args.no_progress, R_every=args.R_every)
@@ -465,6 +490,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=_pos_float, default=None, help="override the checkpoint's solver rtol")
     p.add_argument("--atol", type=_pos_float, default=None, help="override the checkpoint's solver atol")
     p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
+    _add_device(p)
     _add_common(p)
 
 
@@ -479,7 +505,7 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--out {out}: expected a .npy or .png file name")
     if not out.parent.is_dir():
         raise UsageError(f"--out {out}: directory {out.parent} does not exist")
-    model, path = _load_checkpoint(args.checkpoint)
+    model, path = _load_checkpoint(args.checkpoint, _device(args.device))
     model = _fast(model) if args.fast else model
     if args.rtol:
         model.rtol = args.rtol
@@ -517,6 +543,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int, default=0, help="Hutchinson noise seed")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
+    _add_device(p)
     _add_common(p)
 
 
@@ -527,7 +554,8 @@ def cmd_eval(args) -> int:
     _set_threads(args.threads)
     if args.json is not None and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
-    model, path = _load_checkpoint(args.checkpoint)
+    device = _device(args.device)
+    model, path = _load_checkpoint(args.checkpoint, device)
     model = _fast(model) if args.fast else model
     info = _run_info(path)
     name = args.dataset or info.get("dataset")
@@ -548,7 +576,7 @@ def cmd_eval(args) -> int:
         torch.manual_seed(args.seed)
         for i in tqdm(range(0, x.shape[0], args.batch_size), desc=f"eval {ds.name}/{args.split}", unit="batch",
                       disable=args.no_progress):
-            chunk = x[i:i + args.batch_size]
+            chunk = x[i:i + args.batch_size].to(device)
             logp, stats = model.log_prob(chunk, return_stats=True)
             nll -= float(logp.double().sum())
             R += float(stats["R"].double().sum())

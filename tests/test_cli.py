@@ -101,7 +101,7 @@ def test_train_resume_sample_eval(capsys, tmp_path):
     assert len(cfg["masks"]) == 3  # the pruned model was checkpointed with its masks
 
     code, out, err = run(capsys, "sample", "--checkpoint", run_dir, "--n", 100, "--seed", 1,
-                         "--out", tmp_path / "s.png", "--no-progress")
+                         "--out", tmp_path / "s.png", "--no-progress", "--device", "cpu")
     assert code == 0, err
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run(capsys, "eval", "--checkpoint", run_dir, "--max-n", 40, "--tol", 1e-3,
@@ -128,9 +128,34 @@ def test_train_resume_sample_eval(capsys, tmp_path):
     (["demo", "--dataset", "digits", "--out", "{tmp}/d"], "2-D toy set"),
     (["demo", "--out", "{tmp}/file.txt"], "not a directory"),
     (["nosuchcommand"], "invalid choice"),
-])
+    (["train", "--dataset", "8gaussians", "--device", "tpu", "--out", "{tmp}/r"], "expected cpu, cuda or cuda:N"),
+    (["sample", "--checkpoint", "{tmp}", "--device", "cuda:x", "--out", "{tmp}/s.npy"], "expected cpu, cuda"),
+] + ([] if torch.cuda.is_available() else [
+    (["eval", "--checkpoint", "{tmp}", "--device", "cuda", "--dataset", "8gaussians"], "no CUDA device here"),
+]))
 def test_clear_errors(capsys, tmp_path, argv, needle):
     (tmp_path / "file.txt").write_text("x")
     code, _, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
     _one_line_error(code, err)
     assert needle in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_sample_eval_on_cuda(capsys, tmp_path):
+    """--device cuda end to end, with --fast taking the GPU fused field; densities match the CPU's."""
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--dataset", "8gaussians", "--n", 500, "--hidden", "32,32", "--steps", 3,
+                       "--prune", "jsp", "--sparsity", 0.5, "--granularity", "block", "--block", "16,16",
+                       "--out", run_dir, "--no-progress", "--device", "cuda")
+    assert code == 0, err
+    code, _, err = run(capsys, "sample", "--checkpoint", run_dir, "--n", 64, "--out", tmp_path / "s.npy",
+                       "--device", "cuda", "--fast")
+    assert code == 0, err
+    assert np.isfinite(np.load(tmp_path / "s.npy")).all()
+    res = {}
+    for dev in ("cpu", "cuda"):
+        code, _, err = run(capsys, "eval", "--checkpoint", run_dir, "--max-n", 64, "--device", dev, "--fast",
+                           "--json", tmp_path / f"{dev}.json", "--no-progress")
+        assert code == 0, err
+        res[dev] = json.loads((tmp_path / f"{dev}.json").read_text())
+    assert abs(res["cpu"]["nll"] - res["cuda"]["nll"]) < 1e-3
