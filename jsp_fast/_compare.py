@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block", default="16,16", help="block shape rows,cols for --granularity block")
     p.add_argument("--scope", default="global", choices=("global", "layer"))
     p.add_argument("--prune-batch", type=int, default=512, help="data points used for the pruning scores")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="pruning rounds per method (jf.prune rounds=; default: 100 for synflow, else 1)")
     p.add_argument("--root", default=None, help="data directory for file-based datasets")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from the JSONs")
@@ -167,7 +169,7 @@ def _evaluate(model, x: torch.Tensor, tol: float, bits_per_dim=None) -> dict:
 
 
 SETTINGS = ("dataset", "hidden", "activation", "trace", "solver", "tol", "eval_tol", "steps", "batch_size", "lr",
-            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root")
+            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root", "rounds")
 
 
 def _settings(args) -> dict:
@@ -190,13 +192,13 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
               "config": {"hidden": list(hidden), "trace": trace, "solver": args.solver, "tol": args.tol,
                          "eval_tol": args.eval_tol, "steps": args.steps, "batch_size": args.batch_size,
                          "lr": args.lr, "granularity": args.granularity, "block": args.block, "scope": args.scope,
-                         "rnode": args.rnode, "prune_batch": args.prune_batch}}
+                         "rnode": args.rnode, "prune_batch": args.prune_batch, "rounds": args.rounds}}
     t0 = time.perf_counter()
     if method not in REFERENCES:
         gen = torch.Generator().manual_seed(seed)
         idx = torch.randperm(ds.train.shape[0], generator=gen)[: args.prune_batch]
         res = jf.prune(model, method, sparsity, ds.train[idx], granularity=args.granularity,
-                       block=tuple(_ints(args.block)), scope=args.scope, seed=seed)
+                       block=tuple(_ints(args.block)), scope=args.scope, seed=seed, rounds=args.rounds)
         record["prune"] = {"seconds": res.seconds, "density": res.density, "kept": res.kept,
                            "total": res.total, "fallback": res.fallback,
                            "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float))}}

@@ -197,6 +197,8 @@ def _add_prune(p: argparse.ArgumentParser, default: str = "none", sparsity: floa
                    help=f"block shape rows,cols (default {block[0]},{block[1]})")
     g.add_argument("--scope", default="global", choices=("global", "layer"))
     g.add_argument("--prune-batch", type=_pos_int, default=512, help="data points scored (default 512)")
+    g.add_argument("--rounds", type=_pos_int, default=None,
+                   help="prune in this many rescored rounds (default: 100 for synflow, else 1)")
 
 
 def _maybe_prune(args, model, x, seed: int) -> dict | None:
@@ -207,9 +209,10 @@ def _maybe_prune(args, model, x, seed: int) -> dict | None:
     if args.prune not in methods:
         raise UsageError(f"unknown pruning method {args.prune!r}; expected one of {', '.join(methods)} or none")
     res = jf.prune(model, args.prune, args.sparsity, x[: args.prune_batch], granularity=args.granularity,
-                   block=args.block, scope=args.scope, seed=seed)
+                   block=args.block, scope=args.scope, seed=seed, rounds=args.rounds)
     return {"method": args.prune, "sparsity": args.sparsity, "granularity": args.granularity,
             "block": list(args.block) if args.granularity == "block" else None, "scope": args.scope,
+            "rounds": res.info["rounds"],
             "kept": res.kept, "total": res.total, "density": res.overall_density,
             "fallback": dict(res.fallback), "seconds": res.seconds}
 

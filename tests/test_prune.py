@@ -1,5 +1,6 @@
 """jf.prune: scores against finite differences, exact counts, determinism, masks that persist, errors."""
 import copy
+import sys
 
 import pytest
 import torch
@@ -96,7 +97,7 @@ CASES = [(m, g, s) for m in jf.prune.METHODS for g in ("unstructured", "block") 
 def test_exact_sparsity_and_masks_applied(method, granularity, scope, sparsity):
     model, x = _model(), _data(32)
     result = jf.prune(model, method, sparsity, x, granularity=granularity, block=(8, 8), scope=scope,
-                      synflow_rounds=5)
+                      rounds=5 if method == "synflow" else None)
     total = sum(p.numel() for p in model.prunable_parameters().values())
     target = round((1 - sparsity) * total)
     kept = sum(int(m.sum()) for m in result.masks.values())
@@ -140,7 +141,7 @@ def test_abs_scores_option():
 @pytest.mark.parametrize("method", jf.prune.METHODS)
 def test_deterministic_by_seed(method):
     x = _data(128)
-    kw = dict(synflow_rounds=5, batch_size=32, n_batches=2)
+    kw = dict(rounds=5, batch_size=32, n_batches=2)
     m1, m2 = _model(3), _model(3)
     m1.trace = m2.trace = "hutchinson"  # noise comes from the seed, not the global RNG
     torch.manual_seed(123)
@@ -167,9 +168,9 @@ def test_prune_leaves_global_rng_alone(method):
 
 
 def test_synflow_uses_no_data():
-    a = jf.prune(_model(), "synflow", 0.9, None, synflow_rounds=10)
-    b = jf.prune(_model(), "synflow", 0.9, _data(50, seed=7), synflow_rounds=10)
-    c = jf.prune(_model(), "synflow", 0.9, _data(50, seed=8) * 10, synflow_rounds=10)
+    a = jf.prune(_model(), "synflow", 0.9, None, rounds=10)
+    b = jf.prune(_model(), "synflow", 0.9, _data(50, seed=7), rounds=10)
+    c = jf.prune(_model(), "synflow", 0.9, _data(50, seed=8) * 10, rounds=10)
     for name in a.masks:
         assert torch.equal(a.masks[name], b.masks[name]) and torch.equal(a.masks[name], c.masks[name])
         torch.testing.assert_close(a.scores[name], b.scores[name])
@@ -258,3 +259,62 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="NaN"):
         jf.prune(model, "jsp", 0.5, torch.full((4, 2), float("nan")))
     assert not any(k.endswith("weight_mask") for k in model.state_dict())  # nothing was applied
+
+
+@pytest.mark.parametrize("method,granularity", [("jsp", "unstructured"), ("snip", "block"), ("magnitude", "unstructured")])
+def test_iterative_rounds_nest_and_hit_the_count(method, granularity, monkeypatch):
+    """rounds=k: k scorings of the field pruned so far, densities (1-s)^(j/k), each mask inside the last."""
+    prune_module = sys.modules["jsp_fast.prune"]  # (jf.prune is the function)
+    seen = []
+    real = prune_module.build_masks
+
+    def spy(scores, sparsity, **kw):
+        out = real(scores, sparsity, **kw)
+        seen.append((sparsity, {n: m.clone() for n, m in out.items()}))
+        return out
+
+    monkeypatch.setattr(prune_module, "build_masks", spy)
+    model, x = _model(), _data(32)
+    res = jf.prune(model, method, 0.9, x, granularity=granularity, block=(8, 8), rounds=3)
+    assert res.info["rounds"] == 3 and len(seen) == 3
+    assert [round(sp, 6) for sp, _ in seen] == [round(1 - 0.1 ** (j / 3), 6) for j in (1, 2, 3)]
+    for (_, a), (_, b) in zip(seen, seen[1:]):
+        assert all(torch.all(b[n] <= a[n]) for n in a)  # pruned once, pruned for good
+    total = sum(p.numel() for p in model.prunable_parameters().values())
+    assert abs(res.kept - round(0.1 * total)) <= (64 if granularity == "block" else 0)
+    assert all(torch.equal(res.masks[n], seen[-1][1][n]) for n in res.masks)
+
+
+def test_iterative_jsp_differs_from_one_shot_and_is_deterministic():
+    x = _data(32)
+    one = jf.prune(_model(), "jsp", 0.9, x).masks
+    it1 = jf.prune(_model(), "jsp", 0.9, x, rounds=4).masks
+    it2 = jf.prune(_model(), "jsp", 0.9, x, rounds=4).masks
+    assert all(torch.equal(it1[n], it2[n]) for n in it1)
+    assert any(not torch.equal(one[n], it1[n]) for n in one)
+
+
+def test_failed_round_leaves_the_model_untouched(monkeypatch):
+    model, x = _model(), _data(32)
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+    real = _scores.loss_and_R_grads
+
+    def flaky(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("solver blew up")
+        return real(*a, **k)
+
+    monkeypatch.setattr(_scores, "loss_and_R_grads", flaky)
+    with pytest.raises(RuntimeError, match="blew up"):
+        jf.prune(model, "jsp", 0.9, x, rounds=3)
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_bad_rounds():
+    for r in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="rounds must be a positive int"):
+            jf.prune(_model(), "random", 0.5, rounds=r)
+    assert jf.prune(_model(), "synflow", 0.5, rounds=None).info["rounds"] == 100

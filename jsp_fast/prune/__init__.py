@@ -123,7 +123,7 @@ def _scoring_mode(model: nn.Module, seed: int):
 def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=None, *,
           granularity: str = "unstructured", block=(32, 32), scope: str = "global",
           abs_scores: bool = False, n_batches: int = 1, batch_size: int | None = None, seed: int = 0,
-          fallback: str = "unstructured", floor: float = 0.1, synflow_rounds: int = 100) -> PruneResult:
+          fallback: str = "unstructured", floor: float = 0.1, rounds: int | None = None) -> PruneResult:
     """Prune ``model``'s field weights at initialization, in place; returns a ``PruneResult``.
 
     Args:
@@ -142,7 +142,11 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
         seed: drives random scores, batch sampling and Hutchinson noise (global RNG left untouched).
         fallback: for layers smaller than the block: "unstructured", "dense" or "error".
         floor: the global-scope per-layer floor above.
-        synflow_rounds: SynFlow's iterations (density ``(1 - sparsity)^(k / rounds)`` at round k).
+        rounds: prune in this many rounds, rescoring the pruned field each time, to density
+            ``(1 - sparsity)^(k / rounds)`` after round k; a weight pruned once stays pruned. Default:
+            100 for SynFlow (its published schedule), 1 (one-shot) for the others. Iterating a
+            data-driven score is FORCE-style progressive pruning (de Jorge et al., 2021); each round
+            costs one scoring pass (for JSP: one solve and its backward passes).
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
@@ -156,8 +160,10 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
         raise ValueError(f"unknown fallback {fallback!r}; expected one of {FALLBACKS}")
     if not (0.0 <= floor <= 1.0):
         raise ValueError(f"floor must be in [0, 1], got {floor!r}")
-    if not isinstance(synflow_rounds, int) or synflow_rounds <= 0:
-        raise ValueError(f"synflow_rounds must be a positive int, got {synflow_rounds!r}")
+    if rounds is None:
+        rounds = 100 if method == "synflow" else 1
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds <= 0:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     if not hasattr(model, "prunable_parameters"):
         raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
     blk = _check_block(block) if granularity == "block" else None
@@ -177,34 +183,45 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
     start = time.perf_counter()
     info: dict = {}
     build = dict(kinds=kinds, block=blk or (1, 1), scope=scope, floor=floor)
-    with _scoring_mode(model, seed):
-        if method == "synflow":
-            masks: dict[str, torch.Tensor] = {}
-            for k in range(1, synflow_rounds + 1):
-                raw = _scores.synflow_scores(model, params, masks)
-                scores = {n: s.abs() if abs_scores else s for n, s in raw.items()}
-                rho = (1.0 - sparsity) ** (k / synflow_rounds)
+    owners = {name: model.get_submodule(name[: -len(".linear.weight")]) for name in params}
+    saved = {name: (p.detach().clone(), owners[name].mask) for name, p in params.items()} if rounds > 1 else {}
+    masks: dict[str, torch.Tensor] = {}
+    try:
+        with _scoring_mode(model, seed):
+            for k in range(1, rounds + 1):
+                if masks and method != "synflow":  # score the field as pruned so far (SynFlow masks itself)
+                    for name, mask in masks.items():
+                        owners[name].set_mask(mask)
+                raw = _raw_scores(method, model, params, batches, masks, seed, info)
+                scores = {n: s.detach().abs() if abs_scores else s.detach() for n, s in raw.items()}
+                rho = (1.0 - sparsity) ** (k / rounds)
                 masks = build_masks(scores, 1.0 - rho, exclude=masks or None, **build)
-            info["rounds"] = synflow_rounds
-        else:
-            if method == "jsp":
-                dL, dR, L, R = _scores.loss_and_R_grads(model, params, batches)
-                raw = {n: r * l for n, r, l in zip(params, dR, dL)}
-                info.update(L=L, R=R)
-            elif method == "random":
-                gen = torch.Generator().manual_seed(int(seed))
-                raw = _scores.random_scores(model, params, batches, generator=gen)
-            else:
-                raw = getattr(_scores, f"{method}_scores")(model, params, batches)
-            scores = {n: s.detach().abs() if abs_scores else s.detach() for n, s in raw.items()}
-            masks = build_masks(scores, float(sparsity), **build)
+    except BaseException:
+        with torch.no_grad():  # leave the model as it came in
+            for name, (w, mask) in saved.items():
+                params[name].copy_(w)
+                owners[name].set_mask(mask)
+        raise
+    info["rounds"] = rounds
 
     for name, mask in masks.items():
-        model.get_submodule(name[: -len(".linear.weight")]).set_mask(mask)
+        owners[name].set_mask(mask)
     density = {n: float(m.float().mean()) for n, m in masks.items()}
     return PruneResult(method=method, sparsity=float(sparsity), granularity=granularity, block=blk, scope=scope,
                        masks=masks, density=density, scores={n: s.detach() for n, s in scores.items()},
                        fallback=reasons, info=info, seconds=time.perf_counter() - start)
+
+
+def _raw_scores(method, model, params, batches, masks, seed, info):
+    if method == "synflow":
+        return _scores.synflow_scores(model, params, masks)
+    if method == "jsp":
+        dL, dR, L, R = _scores.loss_and_R_grads(model, params, batches)
+        info.update(L=L, R=R)
+        return {n: r * l for n, r, l in zip(params, dR, dL)}
+    if method == "random":
+        return _scores.random_scores(model, params, batches, generator=torch.Generator().manual_seed(int(seed)))
+    return getattr(_scores, f"{method}_scores")(model, params, batches)
 
 
 prune.METHODS = METHODS

@@ -96,8 +96,8 @@ def build_masks(scores: dict[str, torch.Tensor], sparsity: float, kinds: dict[st
                 exclude: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Bool masks keeping the highest-scoring units, ``round((1 - sparsity) · N)`` weights in total.
 
-    ``exclude`` ({name: bool mask of weights already pruned}) marks units that may not come back
-    (SynFlow's iterative rounds); their scores are treated as -inf.
+    ``exclude`` ({name: bool mask kept by an earlier round}) stops pruned weights from coming back
+    (iterative rounds): the scores outside it are treated as -inf.
     """
     layers = []
     for name, s in scores.items():
