@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsr_providers import OPS, PROVIDERS, Case, Setup, set_threads, time_round_robin  # noqa: E402
 
 import jsp_fast as jf  # noqa: E402
+from jsp_fast._bench_cli import write_section  # noqa: E402
 
 SECTION = "## Block-sparse layer (CPU)"
 DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -58,21 +59,6 @@ def dense_gemm_rate(width: int, batch: int, repeats: int) -> float:
     W = torch.randn(width, width)
     t = time_round_robin({"gemm": lambda: F.linear(x, W)}, repeats)["gemm"]
     return 2.0 * batch * width * width / t / 1e9
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -163,7 +149,7 @@ def main(argv=None) -> int:
     md = "\n".join(out) + "\n"
     print(md)
     if not args.no_write:
-        write_section(Path(args.results), md)
+        write_section(Path(args.results), md, heading=SECTION)
         print(f"wrote {args.results}")
     return 0
 

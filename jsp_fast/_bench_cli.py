@@ -239,22 +239,24 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str, append: bool = False) -> None:
-    """Replace (or create) the "End to end" section of ``path``; the rest of the file is untouched.
+def write_section(path: Path, section: str, append: bool = False, heading: str = SECTION) -> None:
+    """Replace (or create) the ``heading`` section ("End to end" by default) of a markdown file
+    (``bench/RESULTS.md``); the rest of the file is untouched, and the file is replaced atomically.
+    ``section`` starts with the heading line.
 
     ``append``: keep the section's earlier runs and add this one after them (without a second heading).
     """
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == SECTION), None)
+    start = next((i for i, l in enumerate(lines) if l.strip() == heading), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         tail = "".join(lines[end:])
         if append:
-            body = section.split("\n", 1)[1] if section.startswith(SECTION) else section
+            body = section.split("\n", 1)[1] if section.startswith(heading) else section
             section = "".join(lines[start:end]).rstrip("\n") + "\n\n---\n" + body
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -33,6 +33,12 @@ def test_run_e2e_tiny_and_markdown(tmp_path):
     bc.write_section(res, md)
     text = res.read_text()
     assert "old" not in text and "later rows" in text and text.index(bc.SECTION) < text.index("## Later")
+    # Another heading (bench/report.py's layer section) leaves "End to end" alone.
+    bc.write_section(res, "## Layer\n\nlayer rows\n", heading="## Layer")
+    bc.write_section(res, "## Layer\n\nnewer rows\n", heading="## Layer")
+    text = res.read_text()
+    assert text.count("## Layer") == 1 and "newer rows" in text and "layer rows" not in text
+    assert "later rows" in text and text.count(bc.SECTION) == 1
 
 
 def test_arguments():
