@@ -72,6 +72,20 @@ def test_engine_choice_on_cpu():
             assert tri.fused_engine(z.to(torch.bfloat16)) is None  # the interpreter cannot read bf16
 
 
+def test_wide_fields_run_per_layer():
+    _skip_triton("cpu")
+    net = ODEnet(2, (16, 528), "tanh").double()  # 528 > FUSED_MAX_WIDTH
+    layer = net.layers[1]
+    g = torch.rand(528 // 16, 1) < 0.5
+    g[-1] = True
+    layer.set_mask(g.repeat_interleave(16, 0).repeat_interleave(16, 1))
+    sparse = SparseODEnet.from_odenet(net, backend="triton")
+    z = torch.randn(5, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert sparse.fused_engine(z) is None
+        torch.testing.assert_close(sparse(torch.tensor(0.3), z), net(torch.tensor(0.3), z))
+
+
 def test_env_var_picks_engine(monkeypatch):
     _skip_triton("cpu")
     net = SparseODEnet.from_odenet(_net("cpu"))

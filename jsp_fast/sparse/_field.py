@@ -19,9 +19,9 @@ into ``CNF(net=...)`` or any torchdiffeq right-hand side. Two execution paths:
   cpu       C++ (``csrc/cpu/field.cpp``)           CPU, float32/64, backend auto or "cpu"
   cuda      CUDA C++ (``csrc/cuda/fused_mlp.cu``)  GPU, float32, widths <= 512, <= 16 layers,
                                                    ``_C`` built with CUDA, backend auto
-  triton    ``kernels/fused_field.py``             GPU otherwise (backend auto or "triton");
-                                                   CPU only under TRITON_INTERPRET=1 with
-                                                   backend "triton" (tests)
+  triton    ``kernels/fused_field.py``             GPU otherwise (backend auto or "triton"),
+                                                   widths <= 512; CPU only under
+                                                   TRITON_INTERPRET=1 with backend "triton"
   ========  ====================================  ==========================================
 
   On the GPU the time ``t`` stays a device tensor (no host synchronisation per evaluation, so a
@@ -285,17 +285,28 @@ def _run_cpu_plan(plan, t, z, v):
     return f, jv
 
 
-def _triton_fused_ok(z: torch.Tensor) -> bool:
+# Both GPU fused fields keep a batch tile's activations on chip (or in a per-program scratch), which
+# is the point for narrow fields and a waste of occupancy (and of scratch memory) for wide ones: wider
+# fields run the per-layer kernels.
+FUSED_MAX_WIDTH = 512
+
+
+def _max_width(net: "SparseODEnet") -> int:
+    return max(max(l.in_features, l.out_features) for l in net.layers)
+
+
+def _triton_fused_ok(net: "SparseODEnet", z: torch.Tensor) -> bool:
     from . import _triton  # noqa: PLC0415
 
-    return _triton.available() and _triton._supports(None, z.dtype, z.device)
+    return (_triton.available() and _triton._supports(None, z.dtype, z.device)
+            and _max_width(net) <= FUSED_MAX_WIDTH)
 
 
 def _cuda_fused_ok(net: "SparseODEnet", z: torch.Tensor) -> bool:
     from . import _cuda  # noqa: PLC0415
 
     return (z.dtype == torch.float32 and _cuda.available() and len(net.layers) <= _cuda.MAX_LAYERS
-            and max(max(l.in_features, l.out_features) for l in net.layers) <= _cuda.MAX_WIDTH)
+            and _max_width(net) <= min(_cuda.MAX_WIDTH, FUSED_MAX_WIDTH))
 
 
 # ---- the field -----------------------------------------------------------------------------------
@@ -412,13 +423,13 @@ class SparseODEnet(nn.Module):
         if z.device.type == "cpu":
             if name in ("auto", "cpu") and fused_available() and z.dtype in (torch.float32, torch.float64):
                 return "cpu"
-            if name == "triton" and _triton_fused_ok(z):
+            if name == "triton" and _triton_fused_ok(self, z):
                 return "triton"
             return None
         if z.device.type == "cuda":
             if name == "auto" and _cuda_fused_ok(self, z):
                 return "cuda"
-            if name in ("auto", "triton") and _triton_fused_ok(z):
+            if name in ("auto", "triton") and _triton_fused_ok(self, z):
                 return "triton"
         return None
 
