@@ -131,6 +131,34 @@ def test_layouts_and_batches(backend, case):
     assert (yd.double() - ref_d).abs().max() < 1e-4
 
 
+# The cpu backend either packs the reduction operand (x, or g for the input gradient) into k-major
+# panels with an in-register transpose, or reads it in place; JSP_FAST_BSR_PACK forces the choice.
+# k = 84 leaves a column tail after whole vectors (16 floats / 8 doubles on AVX-512, 8 / 4 on AVX2);
+# the batches cover one row, ragged panels, and (1001) several tiles per thread.
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("pack", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 13, 37, 1001])
+def test_cpu_packed_and_direct_paths(monkeypatch, pack, dtype, B):
+    monkeypatch.setenv("JSP_FAST_BSR_PACK", pack)
+    w, W64, gen = make(64, 84, (16, 12), 0.7, dtype, seed=40 + B)
+    assert (w.tables()[1] == 6).any()  # the last block column (the tail columns) is kept
+    x = torch.randn(B, 84, generator=gen, dtype=dtype)
+    xd = torch.randn(2, B, 84, generator=gen, dtype=dtype)
+    scale = torch.rand(64, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(64, generator=gen, dtype=dtype)
+    y, yd = jf.ops.bsr_linear_jvp(x, xd, w, scale, bias, "tanh", backend="cpu")
+    ref64, ref_same = reference(x, W64, scale, bias, "tanh", dtype)
+    assert_close_rel(y, ref64, ref_same, dtype)
+    yd64 = (1 - ref64 ** 2) * scale.double() * F.linear(xd.double(), W64)
+    yd_same = (1 - ref_same ** 2) * scale * F.linear(xd, W64.to(dtype))
+    assert_close_rel(yd, yd64, yd_same, dtype)
+    xr = x.clone().requires_grad_()
+    g = torch.randn(B, 64, generator=gen, dtype=dtype)
+    jf.ops.bsr_linear(xr, w, backend="cpu").backward(g)
+    assert_close_rel(xr.grad, g.double() @ W64, g @ W64.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_match_dense_autograd(backend, dtype):

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -74,6 +75,48 @@ inline void fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+// Stores the first n lanes of v (n <= L). AVX-512: one masked store; elsewhere a copy of n lanes.
+template <typename T>
+inline void store_first(T* p, typename Vec<T>::type v, int n) {
+  if (n >= Vec<T>::L) return store<T>(p, v);
+#if defined(__AVX512F__)
+  const __mmask16 m = __mmask16((1u << n) - 1u);
+  if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, m, (__m512)v);
+  else _mm512_mask_storeu_pd(p, __mmask8(m), (__m512d)v);
+#else
+  std::memcpy(p, &v, size_t(n) * sizeof(T));
+#endif
+}
+
+// In-register transpose of an L x L tile held as L row vectors: afterwards v[j][i] is the old v[i][j].
+// log2(L) rounds of the perfect shuffle (row j interleaved with row j + L/2); each round moves one bit
+// of the row index into the lane index, so after log2(L) rounds rows and lanes have swapped.
+template <typename V, size_t... I>
+inline V interleave_lo(V a, V b, std::index_sequence<I...>) {
+  constexpr int L = int(sizeof...(I));
+  return __builtin_shufflevector(a, b, ((I % 2) ? L + int(I / 2) : int(I / 2))...);
+}
+template <typename V, size_t... I>
+inline V interleave_hi(V a, V b, std::index_sequence<I...>) {
+  constexpr int L = int(sizeof...(I));
+  return __builtin_shufflevector(a, b, ((I % 2) ? L + L / 2 + int(I / 2) : L / 2 + int(I / 2))...);
+}
+template <typename T>
+inline void transpose(typename Vec<T>::type (&v)[Vec<T>::L]) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr auto idx = std::make_index_sequence<L>{};
+  for (int round = 1; round < L; round *= 2) {
+    V t[L];
+#pragma GCC unroll 16
+    for (int j = 0; j < L / 2; ++j) {
+      t[2 * j] = interleave_lo(v[j], v[j + L / 2], idx);
+      t[2 * j + 1] = interleave_hi(v[j], v[j + L / 2], idx);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) v[j] = t[j];
+  }
 }
 
 template <typename T>
