@@ -86,9 +86,9 @@ inline void run_panel(const Product<T>& P, const T* xpanel, int64_t ldx, int64_t
   for (int64_t e = P.ptr[ob]; e < P.ptr[ob + 1]; ++e) {
     const T* w = P.pw + e * P.red * P.owp + sub;
     if (Packed)
-      micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red * kRows, w, P.red, P.owp, acc);
+      micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red * kRows, 1, kRows, w, P.red, P.owp, acc);
     else
-      micro_rows<T, kRows, NV>(xpanel + P.ridx[e] * P.red, ldx, w, P.red, P.owp, acc);
+      micro_accumulate<T, kRows, NV>(xpanel + P.ridx[e] * P.red, ldx, 1, w, P.red, P.owp, acc);
   }
 }
 
@@ -404,7 +404,7 @@ inline void wg_tile(const T* gpan, const T* xs, int64_t nc, int64_t ldx, T* out,
   V acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  micro_accumulate<T, kRows, NV>(gpan, xs, nc, ldx, acc);
+  micro_accumulate<T, kRows, NV>(gpan, 1, kRows, xs, nc, ldx, acc);
   for (int r = 0; r < no; ++r)
     for (int v = 0; v < NV; ++v) {
       T* o = out + r * ldo + v * L;
