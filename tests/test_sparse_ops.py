@@ -306,6 +306,42 @@ def test_cpp_argument_checks():
         _C.bsr_fwd(w.values.half().numpy(), *t, x, None, None, 1, y)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("op", ["fwd", "jvp", "t_matmul", "weight_grad"])
+def test_cpp_argument_checks_every_op(op):
+    """The dtype, plan and values checks are shared by the four ops; each op also checks its own arrays."""
+    from jsp_fast._ext import _C
+
+    w, _, _ = make(32, 64, (16, 16), 0.5, torch.float32, seed=62)
+    t = [a.numpy() for a in w.tables()] + [32, 64]
+    x, g = torch.randn(4, 64).numpy(), torch.randn(4, 32).numpy()
+
+    def call(v, t, x=x):
+        if op == "fwd":
+            _C.bsr_fwd(v, *t, x, None, None, 1, torch.empty(4, 32).numpy())
+        elif op == "jvp":
+            _C.bsr_jvp(v, *t, x, x[None], None, None, 1, torch.empty(4, 32).numpy(), torch.empty(1, 4, 32).numpy())
+        elif op == "t_matmul":
+            _C.bsr_t_matmul(v, *t, x[:, :32].copy(), torch.empty(4, 64).numpy())
+        else:
+            _C.bsr_weight_grad(v, *t, g, x, torch.empty(v.shape).numpy())
+
+    v = w.values.numpy()
+    call(v, t)
+    bad = list(t)
+    bad[4] = bad[4].copy()
+    bad[4][0] = -1  # corrupt row_idx
+    with pytest.raises(ValueError, match="row_idx/perm out of range"):
+        call(v, bad)
+    with pytest.raises(ValueError, match="values has dtype float16; the CPU kernels support float32 and float64"):
+        call(v.astype("float16"), t)
+    with pytest.raises(ValueError, match="values must be C-contiguous"):
+        call(v.transpose(0, 2, 1), t)
+    own = "g" if op == "t_matmul" else "x"
+    with pytest.raises(ValueError, match=f"{own} has dtype float64, expected float32"):
+        call(v, t, x.astype("float64"))
+
+
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
     best = "cpu" if "cpu" in BACKENDS else "torch"
