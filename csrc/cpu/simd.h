@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #if defined(__SSE2__)
@@ -76,6 +77,7 @@ inline void fence() {
   _mm_sfence();
 #endif
 }
+
 // Stores the first n lanes of v (n <= L). AVX-512: one masked store; elsewhere a copy of n lanes.
 template <typename T>
 inline void store_first(T* p, typename Vec<T>::type v, int n) {
@@ -92,15 +94,21 @@ inline void store_first(T* p, typename Vec<T>::type v, int n) {
 // In-register transpose of an L x L tile held as L row vectors: afterwards v[j][i] is the old v[i][j].
 // log2(L) rounds of the perfect shuffle (row j interleaved with row j + L/2); each round moves one bit
 // of the row index into the lane index, so after log2(L) rounds rows and lanes have swapped.
-template <typename V, size_t... I>
-inline V interleave_lo(V a, V b, std::index_sequence<I...>) {
+// lane i of interleave(a, b): a[i/2] or b[i/2] (lo), a[L/2 + i/2] or b[L/2 + i/2] (hi), alternating;
+// __builtin_shuffle is GCC's spelling of the two-input shuffle (GCC has __builtin_shufflevector only
+// from 12 on), __builtin_shufflevector clang's.
+template <bool Hi, typename V, size_t... I>
+inline V interleave(V a, V b, std::index_sequence<I...>) {
   constexpr int L = int(sizeof...(I));
-  return __builtin_shufflevector(a, b, ((I % 2) ? L + int(I / 2) : int(I / 2))...);
-}
-template <typename V, size_t... I>
-inline V interleave_hi(V a, V b, std::index_sequence<I...>) {
-  constexpr int L = int(sizeof...(I));
-  return __builtin_shufflevector(a, b, ((I % 2) ? L + L / 2 + int(I / 2) : L / 2 + int(I / 2))...);
+  constexpr int h = Hi ? L / 2 : 0;
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, ((I % 2) ? L + h + int(I / 2) : h + int(I / 2))...);
+#else
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
+  using I_t = std::conditional_t<sizeof(E) == 4, int32_t, int64_t>;
+  typedef I_t M __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(a, b, M{((I % 2) ? L + h + I_t(I / 2) : h + I_t(I / 2))...});
+#endif
 }
 template <typename T>
 inline void transpose(typename Vec<T>::type (&v)[Vec<T>::L]) {
@@ -111,8 +119,8 @@ inline void transpose(typename Vec<T>::type (&v)[Vec<T>::L]) {
     V t[L];
 #pragma GCC unroll 16
     for (int j = 0; j < L / 2; ++j) {
-      t[2 * j] = interleave_lo(v[j], v[j + L / 2], idx);
-      t[2 * j + 1] = interleave_hi(v[j], v[j + L / 2], idx);
+      t[2 * j] = interleave<false>(v[j], v[j + L / 2], idx);
+      t[2 * j + 1] = interleave<true>(v[j], v[j + L / 2], idx);
     }
 #pragma GCC unroll 16
     for (int j = 0; j < L; ++j) v[j] = t[j];
