@@ -34,11 +34,15 @@ DENSITIES = (0.5, 0.25, 0.1, 0.05)
 NOTES = """Where the time goes (`ours`): the kept blocks run at or above the dense GEMM's rate at 25-50% density
 (a 12-row x 32-output AVX-512 register tile, x packed per batch tile in micro-kernel order, blocks re-packed
 k-major per call). Below that, two costs that do not shrink with density take over: (1) the fixed cost
-above - packing x (a scalar transpose, ~0.5 ns per element on one core), the fused epilogue over every
-output and the output stores (streaming stores already save the read-for-ownership); (2) per register
-tile overheads (zeroing 24 accumulators, the epilogue, the loop over a block row's few blocks: 1.8 blocks
-per row at 5%), which a longer reduction per tile would amortise. The 5% row misses 0.7/d by about 10%
-for those reasons. `fwd_bwd` adds the input gradient (the same kernel over the transposed table), the
+above - the fused epilogue over every output (~1 ms per 4M outputs on one core for the float32 tanh,
+~12 vector FMAs per 16 outputs; a reciprocal estimate instead of its division, or one activation switch per
+register tile instead of per vector, measured no gain), the output stores (streaming stores already save
+the read-for-ownership), and from 2% density on packing x (an in-register transpose, ~0.2 ns per
+element on one core; the scalar transpose it replaced took ~0.55 ns); (2) per register tile overheads
+(zeroing 24 accumulators, the epilogue, the loop over a block row's few blocks: 1.8 blocks per row at 5%),
+which a longer reduction per tile would amortise. A perf profile of fwd at 5.7% density on one thread
+splits the kernel's time 59% product, 27% epilogue and stores, 13% packing (before the vectorised
+packing: 52 / 24 / 25). `fwd_bwd` adds the input gradient (the same kernel over the transposed table), the
 weight gradient (threads own block-row ranges, batch reduced in L2-sized chunks) and ~4 torch elementwise
 passes over the [B, n] gradient (act' from y, scale, the bias sum), which are not fused yet."""
 
@@ -87,7 +91,7 @@ def main(argv=None) -> int:
             print(f"d={s.density:.3f} {op}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res[op].items()),
                   flush=True)
         rows.append((s.density, d, res))
-    # The density-independent part of `ours` fwd: a single kept block (x read and packed, the epilogue
+    # The density-independent part of `ours` fwd: a single kept block (x read in place, the epilogue
     # and the output stores, no product to speak of).
     s0 = Setup(Case("fwd", args.width, args.batch, args.block, 0.0))
     fixed = time_round_robin({"ours": s0.fn("ours")}, args.repeats)["ours"]
@@ -137,8 +141,9 @@ def main(argv=None) -> int:
     for dd, d, res in rows:
         out.append(f"| {dd:.3f} | {res['jvp']['ours'] / res['fwd']['ours']:.2f} |")
     out.append("")
-    out.append(f"Fixed cost of `ours` fwd (a single kept block: reading and packing x, the fused epilogue, "
-               f"streaming the output): {fixed * 1e3:.1f} ms; it is what keeps low densities from 1/d.")
+    out.append(f"Fixed cost of `ours` fwd (a single kept block: x read in place, as packing does not pay at "
+               f"that reuse; the fused epilogue; streaming the output): {fixed * 1e3:.1f} ms; with the packing "
+               f"of x from 2% density on, it is what keeps low densities from 1/d.")
     out.append("")
     out.append(f"Dense GEMM rate measured in the same run (`F.linear`, {B}×{N}×{N}): {gemm:.0f} GFLOP/s. "
                "`ours GFLOP/s` counts only the kept blocks' multiply-adds (fwd: 1 product, jvp: 2, fwd_bwd: 3 "

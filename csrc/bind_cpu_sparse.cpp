@@ -128,40 +128,55 @@ void by_dtype(const py::array& values, F&& f) {
   }
 }
 
+template <typename T>
+const T* data(const py::array& a) {
+  return static_cast<const T*>(a.data());
+}
+template <typename T>
+T* mutable_data(py::array& a) {
+  return static_cast<T*>(a.mutable_data());
+}
+
 #define JSP_PLAN_ARGS                                                                                    \
   py::handle values, py::handle row_ptr, py::handle col_idx, py::handle block_row, py::handle col_ptr, \
       py::handle row_idx, py::handle perm, int64_t n, int64_t k
+#define JSP_PLAN_FORWARD values, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k
 #define JSP_PLAN_PYARGS                                                                               \
   py::arg("values"), py::arg("row_ptr"), py::arg("col_idx"), py::arg("block_row"), py::arg("col_ptr"), \
       py::arg("row_idx"), py::arg("perm"), py::arg("n"), py::arg("k")
 
-void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int act, py::handle y, int num_threads) {
+// The checks every op starts with, in this order: values' dtype picks T (float32 or float64), the
+// tables are validated against values' block shape and [n, k], and values must be a C-contiguous
+// [nnzb, bm, bk] array of T. Then op(T{}, layout, values' data) checks its own arguments and runs.
+template <typename Op>
+void with_plan(JSP_PLAN_ARGS, Op&& op) {
   auto va = as_array(values, "values");
   by_dtype(va, [&](auto tag) {
     using T = decltype(tag);
     const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
     checked<T>(va, {-1, -1, -1}, "values");
+    op(tag, p.lay, data<T>(va));
+  });
+}
+
+void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int act, py::handle y, int num_threads) {
+  with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto* vp) {
+    using T = decltype(tag);
     auto xa = checked<T>(x, {-1, k}, "x");
     const int64_t B = xa.shape(0);
     auto ya = checked<T>(y, {B, n}, "y", true);
     const T* sp = opt_vec<T>(scale, n, "scale");
     const T* bp = opt_vec<T>(bias, n, "bias");
     const Act a = to_act(act);
-    const T* vp = static_cast<const T*>(va.data());
-    const T* xp = static_cast<const T*>(xa.data());
-    T* yp = static_cast<T*>(ya.mutable_data());
     py::gil_scoped_release release;
-    cpu::bsr::fwd<T>(p.lay, vp, xp, B, sp, bp, a, yp, num_threads);
+    cpu::bsr::fwd<T>(lay, vp, data<T>(xa), B, sp, bp, a, mutable_data<T>(ya), num_threads);
   });
 }
 
 void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py::handle bias, int act, py::handle y,
             py::handle y_dot, int num_threads) {
-  auto va = as_array(values, "values");
-  by_dtype(va, [&](auto tag) {
+  with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto* vp) {
     using T = decltype(tag);
-    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
-    checked<T>(va, {-1, -1, -1}, "values");
     auto xa = checked<T>(x, {-1, k}, "x");
     const int64_t B = xa.shape(0);
     auto xda = checked<T>(x_dot, {-1, B, k}, "x_dot");
@@ -171,48 +186,33 @@ void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py:
     const T* sp = opt_vec<T>(scale, n, "scale");
     const T* bp = opt_vec<T>(bias, n, "bias");
     const Act a = to_act(act);
-    const T* vp = static_cast<const T*>(va.data());
-    const T* xp = static_cast<const T*>(xa.data());
-    const T* xdp = static_cast<const T*>(xda.data());
-    T* yp = static_cast<T*>(ya.mutable_data());
-    T* ydp = static_cast<T*>(yda.mutable_data());
     py::gil_scoped_release release;
-    cpu::bsr::jvp<T>(p.lay, vp, xp, xdp, ntan, B, sp, bp, a, yp, ydp, num_threads);
+    cpu::bsr::jvp<T>(lay, vp, data<T>(xa), data<T>(xda), ntan, B, sp, bp, a, mutable_data<T>(ya),
+                     mutable_data<T>(yda), num_threads);
   });
 }
 
 void py_t_matmul(JSP_PLAN_ARGS, py::handle g, py::handle gx, int num_threads) {
-  auto va = as_array(values, "values");
-  by_dtype(va, [&](auto tag) {
+  with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto* vp) {
     using T = decltype(tag);
-    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
-    checked<T>(va, {-1, -1, -1}, "values");
     auto ga = checked<T>(g, {-1, n}, "g");
     const int64_t B = ga.shape(0);
     auto gxa = checked<T>(gx, {B, k}, "gx", true);
-    const T* vp = static_cast<const T*>(va.data());
-    const T* gp = static_cast<const T*>(ga.data());
-    T* op = static_cast<T*>(gxa.mutable_data());
     py::gil_scoped_release release;
-    cpu::bsr::t_matmul<T>(p.lay, vp, gp, B, op, num_threads);
+    cpu::bsr::t_matmul<T>(lay, vp, data<T>(ga), B, mutable_data<T>(gxa), num_threads);
   });
 }
 
 // values is only read for its dtype and block shape here (the gradient does not depend on it).
 void py_weight_grad(JSP_PLAN_ARGS, py::handle g, py::handle x, py::handle gv, int num_threads) {
-  auto va = as_array(values, "values");
-  by_dtype(va, [&](auto tag) {
+  with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto*) {
     using T = decltype(tag);
-    const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
     auto ga = checked<T>(g, {-1, n}, "g");
     const int64_t B = ga.shape(0);
     auto xa = checked<T>(x, {B, k}, "x");
-    auto gva = checked<T>(gv, {p.lay.nnzb, p.lay.bm, p.lay.bk}, "gv", true);
-    const T* gp = static_cast<const T*>(ga.data());
-    const T* xp = static_cast<const T*>(xa.data());
-    T* op = static_cast<T*>(gva.mutable_data());
+    auto gva = checked<T>(gv, {lay.nnzb, lay.bm, lay.bk}, "gv", true);
     py::gil_scoped_release release;
-    cpu::bsr::weight_grad<T>(p.lay, gp, xp, B, op, num_threads);
+    cpu::bsr::weight_grad<T>(lay, data<T>(ga), data<T>(xa), B, mutable_data<T>(gva), num_threads);
   });
 }
 

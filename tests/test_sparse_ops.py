@@ -131,6 +131,34 @@ def test_layouts_and_batches(backend, case):
     assert (yd.double() - ref_d).abs().max() < 1e-4
 
 
+# The cpu backend either packs the reduction operand (x, or g for the input gradient) into k-major
+# panels with an in-register transpose, or reads it in place; JSP_FAST_BSR_PACK forces the choice.
+# k = 84 leaves a column tail after whole vectors (16 floats / 8 doubles on AVX-512, 8 / 4 on AVX2);
+# the batches cover one row, ragged panels, and (1001) several tiles per thread.
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("pack", ["0", "1"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B", [1, 13, 37, 1001])
+def test_cpu_packed_and_direct_paths(monkeypatch, pack, dtype, B):
+    monkeypatch.setenv("JSP_FAST_BSR_PACK", pack)
+    w, W64, gen = make(64, 84, (16, 12), 0.7, dtype, seed=40 + B)
+    assert (w.tables()[1] == 6).any()  # the last block column (the tail columns) is kept
+    x = torch.randn(B, 84, generator=gen, dtype=dtype)
+    xd = torch.randn(2, B, 84, generator=gen, dtype=dtype)
+    scale = torch.rand(64, generator=gen, dtype=dtype) + 0.5
+    bias = torch.randn(64, generator=gen, dtype=dtype)
+    y, yd = jf.ops.bsr_linear_jvp(x, xd, w, scale, bias, "tanh", backend="cpu")
+    ref64, ref_same = reference(x, W64, scale, bias, "tanh", dtype)
+    assert_close_rel(y, ref64, ref_same, dtype)
+    yd64 = (1 - ref64 ** 2) * scale.double() * F.linear(xd.double(), W64)
+    yd_same = (1 - ref_same ** 2) * scale * F.linear(xd, W64.to(dtype))
+    assert_close_rel(yd, yd64, yd_same, dtype)
+    xr = x.clone().requires_grad_()
+    g = torch.randn(B, 64, generator=gen, dtype=dtype)
+    jf.ops.bsr_linear(xr, w, backend="cpu").backward(g)
+    assert_close_rel(xr.grad, g.double() @ W64, g @ W64.to(dtype), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gradients_match_dense_autograd(backend, dtype):
@@ -276,6 +304,42 @@ def test_cpp_argument_checks():
         _C.bsr_fwd(w.values.numpy(), *bad, x, None, None, 1, y)
     with pytest.raises(ValueError, match="float32 and float64"):
         _C.bsr_fwd(w.values.half().numpy(), *t, x, None, None, 1, y)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("op", ["fwd", "jvp", "t_matmul", "weight_grad"])
+def test_cpp_argument_checks_every_op(op):
+    """The dtype, plan and values checks are shared by the four ops; each op also checks its own arrays."""
+    from jsp_fast._ext import _C
+
+    w, _, _ = make(32, 64, (16, 16), 0.5, torch.float32, seed=62)
+    t = [a.numpy() for a in w.tables()] + [32, 64]
+    x, g = torch.randn(4, 64).numpy(), torch.randn(4, 32).numpy()
+
+    def call(v, t, x=x):
+        if op == "fwd":
+            _C.bsr_fwd(v, *t, x, None, None, 1, torch.empty(4, 32).numpy())
+        elif op == "jvp":
+            _C.bsr_jvp(v, *t, x, x[None], None, None, 1, torch.empty(4, 32).numpy(), torch.empty(1, 4, 32).numpy())
+        elif op == "t_matmul":
+            _C.bsr_t_matmul(v, *t, x[:, :32].copy(), torch.empty(4, 64).numpy())
+        else:
+            _C.bsr_weight_grad(v, *t, g, x, torch.empty(v.shape).numpy())
+
+    v = w.values.numpy()
+    call(v, t)
+    bad = list(t)
+    bad[4] = bad[4].copy()
+    bad[4][0] = -1  # corrupt row_idx
+    with pytest.raises(ValueError, match="row_idx/perm out of range"):
+        call(v, bad)
+    with pytest.raises(ValueError, match="values has dtype float16; the CPU kernels support float32 and float64"):
+        call(v.astype("float16"), t)
+    with pytest.raises(ValueError, match="values must be C-contiguous"):
+        call(v.transpose(0, 2, 1), t)
+    own = "g" if op == "t_matmul" else "x"
+    with pytest.raises(ValueError, match=f"{own} has dtype float64, expected float32"):
+        call(v, t, x.astype("float64"))
 
 
 def test_backend_selection(monkeypatch):

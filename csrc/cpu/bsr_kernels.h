@@ -46,10 +46,14 @@ struct Layout {
   int64_t n_bcols() const { return k / bk; }
 };
 
-// acc[r][v] (+)= Σ_kk xp[kk·R + r] · w[kk·ldw + v·L] over len steps: R rows of the packed operand
-// times NV vectors of one packed block. The building block of every kernel here.
+// acc[r][v] (+)= Σ_kk x[r·rs + kk·ks] · w[kk·ldw + v·L] over len steps: R rows of the reduction
+// operand times NV vectors of one packed block. The building block of every kernel here. Packed
+// operand (pack_rows' panels, [len][R]): rs = 1, ks = R, so the R broadcasts of a step read one line;
+// read in place: rs = the row stride, ks = 1. Callers pass the constant strides as literals: inlined,
+// every caller compiles to the same instructions as with the former separate packed / in-place copies
+// (checked by disassembly, function by function).
 template <typename T, int R, int NV>
-inline void micro_accumulate(const T* __restrict xp, const T* __restrict w, int64_t len,
+inline void micro_accumulate(const T* __restrict x, int64_t rs, int64_t ks, const T* __restrict w, int64_t len,
                              int64_t ldw, typename simd::Vec<T>::type (&acc)[R][NV]) {
   using V = typename simd::Vec<T>::type;
   constexpr int L = simd::Vec<T>::L;
@@ -59,26 +63,7 @@ inline void micro_accumulate(const T* __restrict xp, const T* __restrict w, int6
     for (int v = 0; v < NV; ++v) wv[v] = simd::load<T>(w + kk * ldw + v * L);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const T xv = xp[kk * R + r];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] += xv * wv[v];
-    }
-  }
-}
-
-// The same over R rows read in place: row r at x + r * ldx (no packing of x).
-template <typename T, int R, int NV>
-inline void micro_rows(const T* __restrict x, int64_t ldx, const T* __restrict w, int64_t len, int64_t ldw,
-                       typename simd::Vec<T>::type (&acc)[R][NV]) {
-  using V = typename simd::Vec<T>::type;
-  constexpr int L = simd::Vec<T>::L;
-  for (int64_t kk = 0; kk < len; ++kk) {
-    V wv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) wv[v] = simd::load<T>(w + kk * ldw + v * L);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      const T xv = x[r * ldx + kk];
+      const T xv = x[r * rs + kk * ks];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += xv * wv[v];
     }

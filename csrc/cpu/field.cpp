@@ -43,7 +43,7 @@ inline void micro(const T* x, int64_t ldx, const Layer<T>& lay, int64_t p,
     for (int j = 0; j < PV; ++j) acc[r][j] = vec{};
   const T* wbase = lay.w.data();
   for (int64_t s = lay.panel_seg[p]; s < lay.panel_seg[p + 1]; ++s)
-    bsr::micro_rows<T, R, PV>(x + lay.seg_k0[s], ldx, wbase + lay.seg_off[s], lay.seg_len[s], P, acc);
+    bsr::micro_accumulate<T, R, PV>(x + lay.seg_k0[s], ldx, 1, wbase + lay.seg_off[s], lay.seg_len[s], P, acc);
 }
 
 // One layer over a tile: `in` holds G = 1 + ntan groups of TB rows (values first), `out` the same.

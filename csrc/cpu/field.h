@@ -20,10 +20,11 @@
 // output. Layers with very few outputs (a 2-d field's last layer) are "narrow": dense rows [n][k]
 // and one dot product per output, instead of a panel that would be mostly padding.
 //
-// Vector types and activations come from cpu/simd.h (shared with the block-sparse kernels). The
-// micro-kernel reads the activations in place (R strided rows, broadcast-FMA) rather than packing
-// them [k][R] as bsr::micro_accumulate wants: here every layer's input is the previous layer's
-// output, and a packing pass would cost ~L / kept-columns of the product at 90% sparsity.
+// Vector types and activations come from cpu/simd.h, the micro-kernel is bsr::micro_accumulate (both
+// shared with the block-sparse kernels). It reads the activations in place (R strided rows,
+// broadcast-FMA) rather than packed [k][R] as the block-sparse layer does: here every layer's input
+// is the previous layer's output, and a packing pass would cost ~L / kept-columns of the product at
+// 90% sparsity.
 #pragma once
 
 #include <cstdint>

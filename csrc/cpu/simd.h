@@ -10,6 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -74,6 +76,55 @@ inline void fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
+}
+
+// Stores the first n lanes of v (n <= L). AVX-512: one masked store; elsewhere a copy of n lanes.
+template <typename T>
+inline void store_first(T* p, typename Vec<T>::type v, int n) {
+  if (n >= Vec<T>::L) return store<T>(p, v);
+#if defined(__AVX512F__)
+  const __mmask16 m = __mmask16((1u << n) - 1u);
+  if constexpr (sizeof(T) == 4) _mm512_mask_storeu_ps(p, m, (__m512)v);
+  else _mm512_mask_storeu_pd(p, __mmask8(m), (__m512d)v);
+#else
+  std::memcpy(p, &v, size_t(n) * sizeof(T));
+#endif
+}
+
+// In-register transpose of an L x L tile held as L row vectors: afterwards v[j][i] is the old v[i][j].
+// log2(L) rounds of the perfect shuffle (row j interleaved with row j + L/2); each round moves one bit
+// of the row index into the lane index, so after log2(L) rounds rows and lanes have swapped.
+// lane i of interleave(a, b): a[i/2] or b[i/2] (lo), a[L/2 + i/2] or b[L/2 + i/2] (hi), alternating;
+// __builtin_shuffle is GCC's spelling of the two-input shuffle (GCC has __builtin_shufflevector only
+// from 12 on), __builtin_shufflevector clang's.
+template <bool Hi, typename V, size_t... I>
+inline V interleave(V a, V b, std::index_sequence<I...>) {
+  constexpr int L = int(sizeof...(I));
+  constexpr int h = Hi ? L / 2 : 0;
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, ((I % 2) ? L + h + int(I / 2) : h + int(I / 2))...);
+#else
+  using E = std::remove_cv_t<std::remove_reference_t<decltype(a[0])>>;
+  using I_t = std::conditional_t<sizeof(E) == 4, int32_t, int64_t>;
+  typedef I_t M __attribute__((vector_size(sizeof(V))));
+  return __builtin_shuffle(a, b, M{((I % 2) ? L + h + I_t(I / 2) : h + I_t(I / 2))...});
+#endif
+}
+template <typename T>
+inline void transpose(typename Vec<T>::type (&v)[Vec<T>::L]) {
+  using V = typename Vec<T>::type;
+  constexpr int L = Vec<T>::L;
+  constexpr auto idx = std::make_index_sequence<L>{};
+  for (int round = 1; round < L; round *= 2) {
+    V t[L];
+#pragma GCC unroll 16
+    for (int j = 0; j < L / 2; ++j) {
+      t[2 * j] = interleave<false>(v[j], v[j + L / 2], idx);
+      t[2 * j + 1] = interleave<true>(v[j], v[j + L / 2], idx);
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < L; ++j) v[j] = t[j];
+  }
 }
 
 template <typename T>
