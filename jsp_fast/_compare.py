@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     p.add_argument("--no-references", action="store_true", help="skip the dense and RNODE runs")
     p.add_argument("--rnode", type=float, default=0.01, help="RNODE weight λ for kinetic and Jacobian terms")
+    p.add_argument("--reg-pruned", type=float, default=0.0,
+                   help="also train every pruned model with RNODE at this λ (default 0: plain NLL)")
     p.add_argument("--hidden", default=None, help="hidden widths, e.g. 64,64,64 (default per dataset)")
     p.add_argument("--activation", default="tanh")
     p.add_argument("--trace", default=None, choices=("exact", "hutchinson"), help="default: exact for dim <= 8")
@@ -169,7 +171,7 @@ def _evaluate(model, x: torch.Tensor, tol: float, bits_per_dim=None) -> dict:
 
 
 SETTINGS = ("dataset", "hidden", "activation", "trace", "solver", "tol", "eval_tol", "steps", "batch_size", "lr",
-            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root", "rounds")
+            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root", "rounds", "reg_pruned")
 
 
 def _settings(args) -> dict:
@@ -192,7 +194,8 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
               "config": {"hidden": list(hidden), "trace": trace, "solver": args.solver, "tol": args.tol,
                          "eval_tol": args.eval_tol, "steps": args.steps, "batch_size": args.batch_size,
                          "lr": args.lr, "granularity": args.granularity, "block": args.block, "scope": args.scope,
-                         "rnode": args.rnode, "prune_batch": args.prune_batch, "rounds": args.rounds}}
+                         "rnode": args.rnode, "prune_batch": args.prune_batch, "rounds": args.rounds,
+                         "reg_pruned": args.reg_pruned}}
     t0 = time.perf_counter()
     if method not in REFERENCES:
         gen = torch.Generator().manual_seed(seed)
@@ -203,7 +206,8 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
                            "total": res.total, "fallback": res.fallback,
                            "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
     t1 = time.perf_counter()
-    reg = {"kinetic": args.rnode, "jacobian": args.rnode} if method == "rnode" else None
+    lam = args.rnode if method == "rnode" else (args.reg_pruned if method not in REFERENCES else 0.0)
+    reg = {"kinetic": lam, "jacobian": lam} if lam > 0 else None
     kw = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, reg=reg, eval_every=args.eval_every,
               seed=seed, progress=False, R_every=args.R_every, bits_per_dim=getattr(ds, "bits_per_dim", None))
     from jsp_fast.train import train
@@ -238,6 +242,8 @@ def _plan(args) -> list[tuple[str, float | None, int]]:
     bad = [m for m in methods if m not in jf.prune.METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected names from {jf.prune.METHODS}")
+    if args.rnode < 0 or getattr(args, "reg_pruned", 0.0) < 0:
+        raise ValueError(f"--rnode and --reg-pruned must be >= 0, got {args.rnode} and {args.reg_pruned}")
     sparsities = _floats(args.sparsities)
     if any(not 0 <= s < 1 for s in sparsities):
         raise ValueError(f"sparsities must lie in [0, 1), got {sparsities}")

@@ -85,3 +85,19 @@ def test_history_object_from_jf_train():
                  {"step": 1, "train_nll": 2.5, "nfe_forward": 14, "nfe_backward": 20}])
     c = _compare._curves(h)
     assert c["step"] == [1] and c["R_step"] == [0] and c["val_step"] == [0] and c["nfe_forward"] == [14.0]
+
+
+def test_reg_pruned_trains_pruned_runs_with_rnode(tmp_path, monkeypatch):
+    """--reg-pruned λ hands RNODE weights to jf.train for pruned runs (and only for them)."""
+    import sys
+
+    train_mod = sys.modules["jsp_fast.train"]  # (jsp_fast.train is also the function's name)
+    monkeypatch.setattr(_compare, "_dataset", _fake_dataset)
+    regs = []
+    real = train_mod.train
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: regs.append(k.get("reg")) or real(*a, **k))
+    assert _compare.run(_args(tmp_path, "--seeds", "0", "--methods", "random", "--reg-pruned", "0.1")) == 0
+    assert regs and all(r == {"kinetic": 0.1, "jacobian": 0.1} for r in regs)
+    rec = json.loads(next((tmp_path / "cmp" / "runs").glob("random_*.json")).read_text())
+    assert rec["settings"]["reg_pruned"] == 0.1
+    assert _compare.run(_args(tmp_path, "--seeds", "0", "--methods", "random", "--reg-pruned", "-1")) == 2
