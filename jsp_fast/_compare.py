@@ -242,7 +242,7 @@ def _plan(args) -> list[tuple[str, float | None, int]]:
     bad = [m for m in methods if m not in jf.prune.METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected names from {jf.prune.METHODS}")
-    if args.rnode < 0 or getattr(args, "reg_pruned", 0.0) < 0:
+    if args.rnode < 0 or args.reg_pruned < 0:
         raise ValueError(f"--rnode and --reg-pruned must be >= 0, got {args.rnode} and {args.reg_pruned}")
     sparsities = _floats(args.sparsities)
     if any(not 0 <= s < 1 for s in sparsities):

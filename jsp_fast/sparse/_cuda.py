@@ -320,8 +320,9 @@ _FIELD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def fused_field(net, t, z: torch.Tensor, v: torch.Tensor | None = None):
     """``(f, Jv)`` of a concatsquash field in one launch (``Jv`` None without ``v``); the network's
     FusedLayers are rebuilt only when a parameter or buffer changes."""
-    key = (z.device,) + tuple((p.data_ptr(), p._version) for p in net.parameters()) + tuple(
-        (b.data_ptr(), b._version) for b in net.buffers())
+    from ._field import state_key  # noqa: PLC0415  (_field imports this module lazily too)
+
+    key = state_key(net, z.device)
     hit = _FIELD_CACHE.get(net)
     if hit is None or hit[0] != key:
         hit = (key, field_layers(net, z.device))

@@ -271,6 +271,13 @@ def build_plan(layers: Sequence[nn.Module], activation: str, dtype: torch.dtype)
     return plan
 
 
+def state_key(module: nn.Module, *extra) -> tuple:
+    """``extra`` + the storage and in-place version of every parameter and buffer of ``module``: equal
+    keys mean a packing of the module's weights is still valid (the fused fields' plan caches)."""
+    return extra + tuple((p.data_ptr(), p._version) for p in module.parameters()) + tuple(
+        (b.data_ptr(), b._version) for b in module.buffers())
+
+
 def _run_cpu_plan(plan, t, z, v):
     z = z.detach().contiguous()
     B = z.shape[0]
@@ -433,15 +440,11 @@ class SparseODEnet(nn.Module):
                 return "triton"
         return None
 
-    def _cache_key(self, *extra):
-        return extra + tuple((p.data_ptr(), p._version) for p in self.parameters()) + tuple(
-            (b.data_ptr(), b._version) for b in self.buffers())
-
     def fused_plan(self, dtype: torch.dtype, engine: str = "cpu", device: torch.device | None = None):
         """The packed plan of ``engine`` for ``dtype`` (and ``device``), re-packed when any parameter or
         buffer changed: a ``_C.FieldPlanF32/F64`` ("cpu"), a ``kernels.fused_field.FusedFieldPlan``
         ("triton") or the list of ``_cuda.FusedLayer`` ("cuda")."""
-        key = self._cache_key(engine, dtype, device)
+        key = state_key(self, engine, dtype, device)
         if self._plan is None or self._plan_key != key:
             self._plan = None  # free the old packing before building the new one
             if engine == "cpu":
