@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 
 #include "bind.h"
+#include "common/act.h"
 
 #ifdef JSP_FAST_OPENMP
 #include <omp.h>
@@ -38,10 +39,17 @@ py::dict build_info() {
   return info;
 }
 
+py::dict act_codes() {
+  py::dict codes;
+  for (int i = 0; i < jsp_fast::kNumActs; ++i) codes[jsp_fast::kActNames[i]] = i;
+  return codes;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "jsp_fast compiled core: block-sparse CPU kernels (and CUDA kernels when built with them)";
   m.def("build_info", &build_info, "How this module was built: version, OpenMP, SIMD level, CUDA.");
+  m.def("act_codes", &act_codes, "Activation name -> code, as csrc/common/act.h defines them.");
   jsp_fast::bind_all(m);
 }
