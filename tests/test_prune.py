@@ -318,3 +318,125 @@ def test_bad_rounds():
         with pytest.raises(ValueError, match="rounds must be a positive int"):
             jf.prune(_model(), "random", 0.5, rounds=r)
     assert jf.prune(_model(), "synflow", 0.5, rounds=None).info["rounds"] == 100
+
+
+# ------------------------------------------------------------------------------------------ layers=
+DEEP = ("net.layers.0.linear.weight", "net.layers.1.linear.weight", "net.layers.2.linear.weight",
+        "net.layers.3.linear.weight")
+
+
+def _deep(seed=0):
+    """2->32, 32->32, 32->32, 32->2; a fixed-step solve keeps the GraSP/JSP scoring passes cheap."""
+    torch.manual_seed(seed)
+    return jf.CNF(2, hidden=(32, 32, 32), solver="rk4", options={"step_size": 0.5})
+
+
+def _untouched(model, before, names):
+    for name in names:
+        layer = model.get_submodule(name[: -len(".linear.weight")])
+        assert layer.mask is None and "weight_mask" not in dict(layer.named_buffers())
+        assert torch.equal(model.get_parameter(name), before[name]) and before[name].ne(0).all()
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "block"])
+def test_layers_hidden_excludes_first_and_last_with_exact_density(granularity):
+    model, x = _deep(), _data(32)
+    before = {n: p.detach().clone() for n, p in model.prunable_parameters().items()}
+    r = jf.prune(model, "magnitude", 0.9, x, layers="hidden", granularity=granularity, block=(8, 8))
+    assert r.layers == DEEP[1:3] and r.excluded == (DEEP[0], DEEP[3])
+    assert set(r.masks) == set(r.density) == set(r.scores) == set(DEEP[1:3])
+    assert r.total == 2 * 32 * 32
+    assert abs(r.kept - round(0.1 * 2048)) <= (64 if granularity == "block" else 0)
+    assert r.fallback == {}  # the tiny first/last layers are not blocked, so they need no fallback
+    _untouched(model, before, r.excluded)
+    field_kept = sum(int(p.ne(0).sum()) for p in model.prunable_parameters().values())
+    assert field_kept == r.kept + 64 + 64
+    assert "excluded=" in repr(r)
+
+
+def test_layers_hidden_block_count_is_within_one_block():
+    r = jf.prune(_deep(), "random", 0.8, layers="hidden", granularity="block", block=(8, 8), scope="layer")
+    assert abs(r.kept - round(0.2 * 2048)) <= 64 and r.kept % 64 == 0
+    for name in DEEP[1:3]:
+        m = r.masks[name].reshape(4, 8, 4, 8)
+        assert torch.all(m.all(dim=(1, 3)) | ~m.any(dim=(1, 3)))
+
+
+def test_layers_all_is_the_default_and_selection_keeps_the_scores():
+    x = _data(32)
+    a = jf.prune(_deep(), "jsp", 0.9, x)
+    b = jf.prune(_deep(), "jsp", 0.9, x, layers="all")
+    h = jf.prune(_deep(), "jsp", 0.9, x, layers="hidden")
+    assert a.layers == DEEP and a.excluded == ()
+    for name in DEEP:
+        assert torch.equal(a.masks[name], b.masks[name])
+    for name in DEEP[1:3]:  # the scores are those of the whole field; only the ranking is restricted
+        torch.testing.assert_close(h.scores[name], a.scores[name])
+    r = jf.prune(_deep(), "random", 0.9, layers="hidden", seed=4)
+    full = jf.prune(_deep(), "random", 0.9, seed=4)
+    for name in DEEP[1:3]:
+        torch.testing.assert_close(r.scores[name], full.scores[name])
+
+
+@pytest.mark.parametrize("spec,expect", [
+    ("net.layers.1.*", DEEP[1:2]),
+    ("net.layers.[03].linear.weight", (DEEP[0], DEEP[3])),
+    (["net.layers.2.linear.weight", "net.layers.0.*"], (DEEP[0], DEEP[2])),
+    (("net.layers.3.linear.weight",), DEEP[3:]),
+    (lambda name: not name.startswith("net.layers.0."), DEEP[1:]),
+])
+def test_layers_name_filter(spec, expect):
+    model = _deep()
+    before = {n: p.detach().clone() for n, p in model.prunable_parameters().items()}
+    r = jf.prune(model, "random", 0.75, layers=spec, scope="layer")
+    assert r.layers == expect and set(r.masks) == set(expect)
+    assert r.excluded == tuple(n for n in DEEP if n not in expect)
+    _untouched(model, before, r.excluded)
+    for name in expect:
+        assert r.density[name] == pytest.approx(0.25, abs=1 / 64)
+
+
+def test_layers_bad_or_empty_selection():
+    model = _deep()
+    for spec, why in [("net.layers.9.*", "selects no prunable"), (lambda n: False, "selects no prunable"),
+                      ("hiden", "selects no prunable"), ([], "bad layers"), (5, "bad layers"), (None, "bad layers"),
+                      ([1, 2], "bad layers"), (["net.layers.1.*", "nope"], "'nope' matches no prunable")]:
+        with pytest.raises(ValueError, match=why) as e:
+            jf.prune(model, "random", 0.5, layers=spec)
+        msg = str(e.value)
+        assert "'all', 'hidden'" in msg and all(n in msg for n in DEEP), msg
+    with pytest.raises(ValueError, match=r"'hidden' selects nothing: the field has 2 prunable"):
+        jf.prune(_model(hidden=(32,)), "random", 0.5, layers="hidden")
+    assert not any(k.endswith("weight_mask") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("method", jf.prune.METHODS)
+@pytest.mark.parametrize("granularity,scope,rounds", [("unstructured", "global", 1), ("block", "layer", 2)])
+def test_every_method_accepts_layers_hidden(method, granularity, scope, rounds):
+    model, x = _deep(), _data(32)
+    before = {n: p.detach().clone() for n, p in model.prunable_parameters().items()}
+    r = jf.prune(model, method, 0.9, x, layers="hidden", granularity=granularity, block=(8, 8), scope=scope,
+                 rounds=rounds)
+    assert r.layers == DEEP[1:3] and r.info["rounds"] == rounds
+    assert abs(r.kept - round(0.1 * 2048)) <= (64 if granularity == "block" else 0)
+    for name in r.layers:
+        mask = r.masks[name]
+        assert mask.any() and torch.all(model.get_parameter(name)[~mask] == 0)
+    _untouched(model, before, r.excluded)
+    assert torch.equal(r.first_layer_inputs, torch.tensor([32, 32]))  # the input layer stayed dense
+
+
+def test_first_layer_inputs_counts_kept_weights_per_input_column():
+    model, x = _deep(), _data(32)
+    r = jf.prune(model, "jsp", 0.95, x)
+    counts = r.first_layer_inputs
+    assert counts.dtype == torch.int64 and counts.shape == (2,)
+    m = r.masks[DEEP[0]]
+    assert counts.tolist() == [int(m[:, 0].sum()), int(m[:, 1].sum())]
+    assert int(counts.sum()) == int(m.sum())
+    mask = torch.zeros(32, 2, dtype=torch.bool)  # by hand: 19 vs 3 kept weights
+    mask[:19, 0] = True
+    mask[5:8, 1] = True
+    model.get_submodule("net.layers.0").set_mask(mask)
+    from jsp_fast.prune import _first_layer_inputs
+    assert _first_layer_inputs(model, DEEP[0]).tolist() == [19, 3]

@@ -1,14 +1,17 @@
 """Pruning at initialization: ``jf.prune(model, method, sparsity, data)`` and ``jf.remove_pruning``.
 
-``prune`` scores every prunable field weight (``model.prunable_parameters()``), builds bool masks
-(see ``_masks`` for granularity, scope, the global per-layer floor and the exact count) and applies
-them in place as each layer's ``weight_mask`` buffer. ``prune.METHODS`` lists the scores.
+``prune`` scores the selected prunable field weights (``model.prunable_parameters()``, all of them by
+default; see ``layers=``), builds bool masks (see ``_masks`` for granularity, scope, the global
+per-layer floor and the exact count) and applies them in place as each layer's ``weight_mask``
+buffer. ``prune.METHODS`` lists the scores.
 """
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,17 +21,23 @@ from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
 
 METHODS = ("jsp", "random", "magnitude", "snip", "grasp", "synflow")
+LAYER_CHOICES = ("all", "hidden")
 
-__all__ = ["prune", "remove_pruning", "PruneResult", "METHODS", "GRANULARITIES", "SCOPES", "FALLBACKS"]
+__all__ = ["FALLBACKS", "GRANULARITIES", "LAYER_CHOICES", "METHODS", "SCOPES", "PruneResult", "prune",
+           "remove_pruning"]
 
 
 @dataclass
 class PruneResult:
     """What ``prune`` did. ``masks`` are already applied to the model.
 
-    ``fallback`` names the layers that could not be cut into blocks and got an unstructured or
-    dense mask instead, with the reason; ``info`` holds method diagnostics (e.g. JSP's ``L`` and
-    ``R`` at initialization).
+    ``masks``, ``density``, ``scores``, ``kept`` and ``total`` cover the selected layers only
+    (``layers``, the parameter names ``sparsity`` applied to); ``excluded`` names the prunable
+    parameters that were left untouched (dense unless pruned before). ``fallback`` names the layers
+    that could not be cut into blocks and got an unstructured or dense mask instead, with the reason;
+    ``info`` holds method diagnostics (e.g. JSP's ``L`` and ``R`` at initialization).
+    ``first_layer_inputs`` (int64 ``[in_features]``) counts the kept weights in each input column of
+    the field's first layer: a coordinate of the data with few kept weights is nearly cut off.
     """
 
     method: str
@@ -42,6 +51,9 @@ class PruneResult:
     fallback: dict[str, str] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     seconds: float = 0.0
+    layers: tuple[str, ...] = ()
+    excluded: tuple[str, ...] = ()
+    first_layer_inputs: torch.Tensor | None = None
 
     @property
     def kept(self) -> int:
@@ -58,9 +70,10 @@ class PruneResult:
     def __repr__(self) -> str:
         layers = ", ".join(f"{n}: {d:.3f}" for n, d in self.density.items())
         fb = f", fallback={self.fallback}" if self.fallback else ""
+        ex = f", excluded={list(self.excluded)}" if self.excluded else ""
         return (f"PruneResult(method={self.method!r}, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"scope={self.scope!r}, kept={self.kept}/{self.total} ({self.overall_density:.4f}), "
-                f"density={{{layers}}}{fb})")
+                f"density={{{layers}}}{fb}{ex})")
 
 
 def _check_block(block) -> tuple[int, int]:
@@ -73,6 +86,45 @@ def _check_block(block) -> tuple[int, int]:
     if bm <= 0 or bk <= 0 or (bm, bk) != tuple(block):
         raise ValueError(f"block must be a pair of positive ints, got {block!r}")
     return bm, bk
+
+
+def _select_layers(layers, names: list[str]) -> list[str]:
+    """The prunable parameter names (in model order) that ``layers`` selects; never empty."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{why}. layers must be one of {LAYER_CHOICES}, a glob over the prunable parameter "
+                          f"names (e.g. 'net.layers.1.*'), a list of such names/globs, or a callable "
+                          f"name -> bool. Prunable parameters: {names}")
+
+    if isinstance(layers, str) and layers in LAYER_CHOICES:
+        chosen = names if layers == "all" else names[1:-1]
+        if not chosen:
+            raise bad(f"layers='hidden' selects nothing: the field has {len(names)} prunable layer(s), "
+                      f"and 'hidden' leaves out the first and the last")
+        return chosen
+    if callable(layers):
+        chosen = [n for n in names if layers(n)]
+    elif isinstance(layers, str):
+        chosen = [n for n in names if fnmatch.fnmatchcase(n, layers)]
+    elif isinstance(layers, (list, tuple)) and layers and all(isinstance(p, str) for p in layers):
+        for pat in layers:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+                raise bad(f"layers entry {pat!r} matches no prunable parameter")
+        chosen = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in layers)]
+    else:
+        raise bad(f"bad layers={layers!r}")
+    if not chosen:
+        raise bad(f"layers={layers!r} selects no prunable parameter")
+    return chosen
+
+
+def _first_layer_inputs(model: nn.Module, first: str) -> torch.Tensor:
+    """Kept weights per input column of the prunable parameter ``first`` (after masks are applied)."""
+    owner = model.get_submodule(first[: -len(".linear.weight")])
+    mask = getattr(owner, "mask", None)
+    w = model.get_parameter(first)
+    if mask is None:
+        return torch.full((w.shape[1],), w.shape[0], dtype=torch.int64)
+    return mask.sum(0).to(device="cpu", dtype=torch.int64)
 
 
 def _batches(model: nn.Module, data, n_batches: int, batch_size: int | None, seed: int) -> list[torch.Tensor]:
@@ -123,13 +175,14 @@ def _scoring_mode(model: nn.Module, seed: int):
 def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=None, *,
           granularity: str = "unstructured", block=(32, 32), scope: str = "global",
           abs_scores: bool = False, n_batches: int = 1, batch_size: int | None = None, seed: int = 0,
-          fallback: str = "unstructured", floor: float = 0.1, rounds: int | None = None) -> PruneResult:
+          fallback: str = "unstructured", floor: float = 0.1, rounds: int | None = None,
+          layers: str | list[str] | tuple[str, ...] | Callable[[str], bool] = "all") -> PruneResult:
     """Prune ``model``'s field weights at initialization, in place; returns a ``PruneResult``.
 
     Args:
         model: a ``jf.CNF`` (anything with ``prunable_parameters()`` whose owners have ``set_mask``).
         method: one of ``prune.METHODS``; ``jsp``, ``snip`` and ``grasp`` need ``data``.
-        sparsity: fraction of the prunable weights to remove, in [0, 1).
+        sparsity: fraction of the selected weights (see ``layers``) to remove, in [0, 1).
         data: ``[n, dim]`` tensor (or a ``jf.data`` dataset, whose ``.train`` is used).
         granularity: "unstructured" (single weights) or "block" (``block = (rows, cols)`` tiles; a
             block's score is the sum of its weights').
@@ -147,6 +200,15 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
             100 for SynFlow (its published schedule), 1 (one-shot) for the others. Iterating a
             data-driven score is FORCE-style progressive pruning (de Jorge et al., 2021); each round
             costs one scoring pass (for JSP: one solve and its backward passes).
+        layers: which prunable parameters to prune. "all" (default); "hidden" (every layer but the
+            field's first, ``dim -> hidden``, and last, ``hidden -> dim``); a glob matched against the
+            names of ``model.prunable_parameters()`` (e.g. ``"net.layers.1.*"``), a list of such names
+            or globs, or a callable ``name -> bool``. Unselected layers are left untouched (dense on
+            a fresh model) and ``sparsity`` applies to the selected weights only: the overall density
+            of the field is higher. Why it matters: with all layers prunable, data-driven scores can
+            put most of the budget into the narrow input and output layers and starve the hidden
+            ones. Scores are still computed on the whole field (SynFlow needs the chain), then only
+            the selected layers are ranked.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
@@ -167,9 +229,11 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
     if not hasattr(model, "prunable_parameters"):
         raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
     blk = _check_block(block) if granularity == "block" else None
-    params = dict(model.prunable_parameters())
-    if not params:
+    all_params = dict(model.prunable_parameters())
+    if not all_params:
         raise ValueError("the model has no prunable parameters")
+    selected = _select_layers(layers, list(all_params))
+    params = {n: all_params[n] for n in selected}
     kinds, reasons = plan_layers({n: tuple(p.shape) for n, p in params.items()}, granularity,
                                  blk or (1, 1), fallback)
     if method in _scores.DATA_METHODS:
@@ -192,8 +256,8 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
                 if masks and method != "synflow":  # score the field as pruned so far (SynFlow masks itself)
                     for name, mask in masks.items():
                         owners[name].set_mask(mask)
-                raw = _raw_scores(method, model, params, batches, masks, seed, info)
-                scores = {n: s.detach().abs() if abs_scores else s.detach() for n, s in raw.items()}
+                raw = _raw_scores(method, model, all_params, batches, masks, seed, info)
+                scores = {n: raw[n].detach().abs() if abs_scores else raw[n].detach() for n in params}
                 rho = (1.0 - sparsity) ** (k / rounds)
                 masks = build_masks(scores, 1.0 - rho, exclude=masks or None, **build)
     except BaseException:
@@ -209,7 +273,9 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
     density = {n: float(m.float().mean()) for n, m in masks.items()}
     return PruneResult(method=method, sparsity=float(sparsity), granularity=granularity, block=blk, scope=scope,
                        masks=masks, density=density, scores={n: s.detach() for n, s in scores.items()},
-                       fallback=reasons, info=info, seconds=time.perf_counter() - start)
+                       fallback=reasons, info=info, seconds=time.perf_counter() - start,
+                       layers=tuple(params), excluded=tuple(n for n in all_params if n not in params),
+                       first_layer_inputs=_first_layer_inputs(model, next(iter(all_params))))
 
 
 def _raw_scores(method, model, params, batches, masks, seed, info):
@@ -225,6 +291,7 @@ def _raw_scores(method, model, params, batches, masks, seed, info):
 
 
 prune.METHODS = METHODS
+prune.LAYER_CHOICES = LAYER_CHOICES
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
