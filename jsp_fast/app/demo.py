@@ -90,15 +90,8 @@ def cmd_demo(args) -> int:
     speed = _sparse_speed(model, test, args.seed) if pruned and args.granularity == "block" else None
     model.rtol = model.atol = args.tol
 
-    data = ds.train[:2000]
-    files = [
-        plots.scatter_png(out / "data.png", data, lim, f"{name}: data"),
-        plots.scatter_png(out / "samples.png", samples, lim, f"{name}: CNF samples", "tab:orange"),
-        plots.density_png(out / "density.png", grid_logp, lim, f"{name}: learned density"),
-        plots.overview_png(out / "demo.png", data, samples, grid_logp, true_grid, lim,
-                           f"{name}: test NLL {test_nll:.3f}" + (f", true {true_nll:.3f}" if true_nll else "")),
-        plots.history_png(out / "training.png", hist, true_nll),
-    ]
+    title = f"{name}: test NLL {test_nll:.3f}" + (f", true {true_nll:.3f}" if true_nll else "")
+    files = _figures(out, name, ds.train[:2000], samples, grid_logp, true_grid, lim, title, hist, true_nll)
     save(out / "checkpoint", model, history=hist)
     atomic_write_json(out / c.RUN_FILE, {"dataset": name, "n": 20_000, "seed": args.seed, "root": None})
     hist.to_json(out / "history.json")
@@ -125,6 +118,17 @@ def cmd_demo(args) -> int:
         print(f"block-sparse field (jf.sparsify): sample x{speed['sample_speedup']:.1f}, log_prob "
               f"x{speed['log_prob_speedup']:.1f} vs the masked dense model, max |dlogp| {speed['max_abs_dlogp']:.1e}")
     return 0
+
+
+def _figures(out: Path, name: str, data, samples, grid_logp, true_grid, lim: float, title: str, hist,
+             true_nll: float | None) -> list[Path]:
+    return [
+        plots.scatter_png(out / "data.png", data, lim, f"{name}: data"),
+        plots.scatter_png(out / "samples.png", samples, lim, f"{name}: CNF samples", "tab:orange"),
+        plots.density_png(out / "density.png", grid_logp, lim, f"{name}: learned density"),
+        plots.overview_png(out / "demo.png", data, samples, grid_logp, true_grid, lim, title),
+        plots.history_png(out / "training.png", hist, true_nll),
+    ]
 
 
 @torch.no_grad()
