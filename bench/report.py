@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bsr_providers import OPS, PROVIDERS, Case, Setup, set_threads, time_round_robin  # noqa: E402
 
 import jsp_fast as jf  # noqa: E402
-from jsp_fast._bench_cli import write_section  # noqa: E402
+from jsp_fast.app.bench import write_section  # noqa: E402
 
 SECTION = "## Block-sparse layer (CPU)"
 DENSITIES = (0.5, 0.25, 0.1, 0.05)

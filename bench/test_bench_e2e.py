@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jsp_fast._bench_cli import SETUPS, build_models, compile_like, load_data
+from jsp_fast.app.bench import SETUPS, build_models, compile_like, load_data
 
 SPARSITY = 0.9
 PROVIDERS = ("dense", "compiled", "sparse")

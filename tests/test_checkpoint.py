@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import jsp_fast as jf
-from jsp_fast import checkpoint as ckpt
+from jsp_fast.training import checkpoint as ckpt
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,7 +74,7 @@ def test_optimizer_history_and_extra_round_trip(tmp_path):
         opt.zero_grad()
         (-model.log_prob(X).mean()).backward()
         opt.step()
-    from jsp_fast.train import History
+    from jsp_fast.training import History
     hist = History([{"step": 1, "train_nll": 2.5}], meta={"a": 1})
     rng = torch.get_rng_state()
     ckpt.save(tmp_path / "c", model, optimizer=opt, history=hist, extra={"step": 2, "rng": rng, "tag": "x"})

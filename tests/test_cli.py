@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jsp_fast import cli
+from jsp_fast.app import cli
 
 
 @pytest.fixture(autouse=True)
@@ -34,16 +34,32 @@ def _one_line_error(code, err):
     assert "Traceback" not in err
 
 
+SUBCOMMANDS = {"demo", "train", "sample", "eval", "compare", "bench"}
+
+
 def test_help_for_every_subcommand(capsys):
-    code, out, _ = run(capsys, "--help")
+    # The full set, named here: a subcommand that fails to build must fail this test, not vanish.
+    assert set(cli.COMMANDS) == SUBCOMMANDS
+    code, top, _ = run(capsys, "--help")
     assert code == 0
-    for name in ("demo", "train", "sample", "eval"):
-        assert name in out
-    subcommands = list(cli.COMMANDS) + [n for n in cli.EXTERNAL if n in out]
-    for name in subcommands:
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in top, name
         code, out, err = run(capsys, name, "--help")
         assert code == 0, (name, err)
         assert out.startswith(f"usage: jsp-fast {name}")
+
+
+@pytest.mark.parametrize("module", ["compare", "bench"])
+def test_a_broken_subcommand_fails_loudly(module):
+    """A subcommand module that cannot be imported is an error of the whole command (it used to be
+    skipped silently, so `jsp-fast --help` simply no longer listed it)."""
+    code = (f"import sys; sys.modules['jsp_fast.app.{module}'] = None\n"
+            "from jsp_fast.app import cli\n"
+            "sys.exit(cli.main(['--help']))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and res.returncode != 2, res.stdout
+    assert "ImportError" in res.stderr or "ModuleNotFoundError" in res.stderr
+    assert f"jsp_fast.app.{module}" in res.stderr
 
 
 def test_no_subcommand_is_an_error(capsys):
@@ -52,9 +68,16 @@ def test_no_subcommand_is_an_error(capsys):
 
 
 def test_entry_point_module_runs():
-    res = subprocess.run([sys.executable, "-m", "jsp_fast.cli", "eval", "--help"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "jsp_fast.app.cli", "eval", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--checkpoint" in res.stdout
+
+
+def test_console_script_points_at_the_cli():
+    from pathlib import Path
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"jsp-fast": "jsp_fast.app.cli:main"}
 
 
 def test_demo_tiny_budget(capsys, tmp_path):

@@ -203,14 +203,14 @@ def test_masks_survive_state_dict_deepcopy_and_checkpoint(tmp_path):
     assert len(mask_keys) == len(result.masks)  # each mask stored once, as the buffer
     clone = copy.deepcopy(model)
     torch.testing.assert_close(clone.log_prob(x), model.log_prob(x))
-    if not hasattr(jf, "save"):
-        pytest.skip("jf.save/jf.load not available yet")
     jf.save(tmp_path / "ckpt", model)
     loaded = jf.load(tmp_path / "ckpt")
-    loaded = loaded[0] if isinstance(loaded, tuple) else loaded
+    assert isinstance(loaded, jf.CNF)
     for name, mask in result.masks.items():
         layer = loaded.get_submodule(name[: -len(".linear.weight")])
-        assert torch.equal(layer.weight_mask, mask)
+        assert layer.weight_mask.dtype == torch.bool and torch.equal(layer.weight_mask, mask)
+        assert torch.equal(loaded.get_parameter(name), model.get_parameter(name))
+        assert torch.all(loaded.get_parameter(name)[~mask] == 0)
     torch.testing.assert_close(loaded.log_prob(x), model.log_prob(x))
 
 

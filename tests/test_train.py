@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import jsp_fast as jf
-from jsp_fast.train import History
+from jsp_fast.training import History, load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,7 +139,7 @@ def test_resume_equals_uninterrupted(tmp_path):
             raise _Interrupt
     with pytest.raises(_Interrupt):
         jf.train(make(), TRAIN, VAL, checkpoint_dir=tmp_path / "run", callback=die, **kw)
-    assert jf.checkpoint.load_checkpoint(tmp_path / "run").extra["step"] == 3
+    assert load_checkpoint(tmp_path / "run").extra["step"] == 3
 
     fresh = _model(seed=123, trace="hutchinson", hidden=(16, 16))  # other init, no masks: all from the checkpoint
     hist = jf.train(fresh, TRAIN, VAL, checkpoint_dir=tmp_path / "run", **kw)

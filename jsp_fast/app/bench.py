@@ -18,7 +18,6 @@ import argparse
 import copy
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -26,6 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .._ext import _C
+from .._io import atomic_write_text
+from .._timing import round_robin
+from ..cnf import CNF
+from ..data import digits
+from ..data import get as get_data
+from ..prune import METHODS, prune
+from ..sparse import sparsify
+from . import _common
+from ._args import names, nonneg_int, pos_float, pos_int, sparsities
+
+__all__ = ["SECTION", "SETUPS", "PROVIDERS", "Setup", "load_data", "build_models", "compile_like", "load_weights_",
+           "measure_interleaved", "run_e2e", "machine_info", "format_markdown", "write_section", "add_arguments",
+           "run"]
 
 SECTION = "## End to end"
 
@@ -56,13 +70,12 @@ def _log(msg: str, quiet: bool = False) -> None:
 
 
 def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
-    from . import data as jdata
-
+    """``n`` points of the setup's data (repeated when the set is smaller)."""
     if setup.dataset == "digits":
-        ds = jdata.digits(seed=seed)
+        ds = digits(seed=seed)
         x = torch.cat([ds.train, ds.val, ds.test])
     else:
-        x = jdata.get(setup.dataset, n=max(n, 512), seed=seed).train
+        x = get_data(setup.dataset, n=max(n, 512), seed=seed).train
     reps = -(-n // x.shape[0])
     return x.repeat(reps, 1)[:n].contiguous()
 
@@ -70,12 +83,9 @@ def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
 def build_models(setup: Setup, sparsity: float, data: torch.Tensor, solver: str = "dopri5",
                  tol: float = 1e-5, prune_method: str = "jsp", seed: int = 0):
     """(dense masked CNF, jf.sparsify of it, PruneResult)."""
-    import jsp_fast as jf
-    from .sparse._sparsify import sparsify
-
     torch.manual_seed(seed)
-    model = jf.CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
-    res = jf.prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
+    model = CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
+    res = prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
                    seed=seed)
     model.eval()
     return model, sparsify(model), res
@@ -93,17 +103,8 @@ def compile_like(model):
 def load_weights_(dst, src) -> None:
     """Copy ``src``'s weights and masks into ``dst`` in place (keeps compiled code valid)."""
     with torch.no_grad():
-        for (name, a), b in zip(dst.state_dict().items(), src.state_dict().values()):
+        for a, b in zip(dst.state_dict().values(), src.state_dict().values()):
             a.copy_(b)
-
-
-def _median_time(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) if ts else float("nan")
 
 
 def _call(model, op: str, x: torch.Tensor, n: int, noise_seed: int = 1):
@@ -114,25 +115,14 @@ def _call(model, op: str, x: torch.Tensor, n: int, noise_seed: int = 1):
         return model.log_prob(x)
 
 
-def measure(model, op: str, x: torch.Tensor, n: int, repeats: int, noise_seed: int = 1):
-    """(median seconds, NFE, output) of one op under no_grad (one untimed warm-up call)."""
-    out = _call(model, op, x, n, noise_seed)
-    nfe = model.nfe["forward"]
-    return _median_time(lambda: _call(model, op, x, n, noise_seed), repeats), nfe, out
-
-
 def measure_interleaved(models: dict, op: str, x: torch.Tensor, n: int, repeats: int) -> dict:
-    """{provider: (median seconds, NFE, output)}, timing the providers round-robin within each
-    repeat so that load changes on a shared machine hit all of them alike."""
-    outs, nfes, times = {}, {}, {p: [] for p in models}
-    for prov, model in models.items():  # warm-up
+    """{provider: (median seconds, NFE, output)}, the providers timed round-robin (``_timing``); the
+    first, untimed call of each gives its NFE and output."""
+    outs, nfes = {}, {}
+    for prov, model in models.items():
         outs[prov] = _call(model, op, x, n)
         nfes[prov] = model.nfe["forward"]
-    for _ in range(repeats):
-        for prov, model in models.items():
-            t0 = time.perf_counter()
-            _call(model, op, x, n)
-            times[prov].append(time.perf_counter() - t0)
+    times = round_robin({p: (lambda m=m: _call(m, op, x, n)) for p, m in models.items()}, repeats, warmup=0)
     return {p: (statistics.median(times[p]), nfes[p], outs[p]) for p in models}
 
 
@@ -155,8 +145,8 @@ def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=P
                 if compiled is None:
                     t0 = time.perf_counter()
                     compiled = compile_like(dense)
-                    measure(compiled, "log_prob", x, bs, 0)
-                    measure(compiled, "sample", x, bs, 0)
+                    _call(compiled, "log_prob", x, bs)
+                    _call(compiled, "sample", x, bs)
                     _log(f"[{name}] torch.compile warm-up {time.perf_counter() - t0:.1f} s", quiet)
                 load_weights_(compiled, dense)
                 models["compiled"] = compiled
@@ -177,8 +167,6 @@ def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=P
 
 
 def machine_info() -> dict:
-    from ._ext import _C
-
     model = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -259,48 +247,25 @@ def write_section(path: Path, section: str, append: bool = False, heading: str =
             body = section.split("\n", 1)[1] if section.startswith(heading) else section
             section = "".join(lines[start:end]).rstrip("\n") + "\n\n---\n" + body
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
-
-
-def _floats(s: str) -> tuple[float, ...]:
-    try:
-        vals = tuple(float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
-    if not all(0.0 <= v < 1.0 for v in vals):
-        raise argparse.ArgumentTypeError(f"sparsities must be in [0, 1), got {s!r}")
-    return vals
-
-
-def _names(choices):
-    def parse(s: str) -> tuple[str, ...]:
-        vals = tuple(v.strip() for v in s.split(",") if v.strip())
-        bad = [v for v in vals if v not in choices]
-        if bad or not vals:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(choices)}, got {s!r}")
-        return vals
-
-    return parse
+    atomic_write_text(path, new)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("suite", nargs="?", default="e2e", choices=["e2e"],
                         help="which benchmark (e2e: dense vs compiled vs sparsified CNF, sample and log_prob)")
-    parser.add_argument("--datasets", type=_names(tuple(SETUPS)), default=tuple(SETUPS),
+    parser.add_argument("--datasets", type=names(tuple(SETUPS)), default=tuple(SETUPS),
                         help="comma-separated: digits (64-d, 512x3, Hutchinson), toy (2-d, 64x3, exact trace)")
-    parser.add_argument("--sparsities", type=_floats, default=(0.8, 0.9, 0.95), help="block sparsities (default 0.8,0.9,0.95)")
-    parser.add_argument("--providers", type=_names(PROVIDERS), default=PROVIDERS,
+    parser.add_argument("--sparsities", type=sparsities, default=(0.8, 0.9, 0.95), help="block sparsities (default 0.8,0.9,0.95)")
+    parser.add_argument("--providers", type=names(PROVIDERS), default=PROVIDERS,
                         help="comma-separated subset of dense,compiled,sparse")
-    parser.add_argument("--n", type=int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
-    parser.add_argument("--repeats", type=int, default=5,
+    parser.add_argument("--n", type=pos_int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
+    parser.add_argument("--repeats", type=pos_int, default=5,
                         help="timed repetitions, providers interleaved (median reported; default 5)")
     parser.add_argument("--solver", default="dopri5")
-    parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol")
-    parser.add_argument("--prune", default="jsp", help="jf.prune method for the block masks (default jsp)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--tol", type=pos_float, default=1e-5, help="rtol = atol")
+    parser.add_argument("--prune", default="jsp", choices=METHODS, help="jf.prune method for the block masks (default jsp)")
+    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--threads", type=pos_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--results", default="bench/RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing it")
     parser.add_argument("--append", action="store_true",
@@ -309,19 +274,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeats < 1 or (args.n is not None and args.n < 1):
-        print("error: --repeats and --n must be positive", file=sys.stderr)
-        return 2
-    from . import prune as _prune
-
-    if args.prune not in _prune.METHODS:
-        print(f"error: unknown --prune {args.prune!r}; expected one of {_prune.METHODS}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _common.set_threads(args.threads)
     rows = run_e2e(args.datasets, args.sparsities, args.providers, args.repeats, args.n, args.solver, args.tol,
                    args.prune, args.seed, args.quiet)
-    command = getattr(args, "command_line", None) or "jsp-fast " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = _common.command_line(args)
     if os.environ.get("OMP_WAIT_POLICY"):
         command = f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} {command}"
     md = format_markdown(rows, command, args.solver, args.tol, args.prune)
@@ -332,15 +288,3 @@ def run(args: argparse.Namespace) -> int:
         print(md)
         print(f"wrote the '{SECTION[3:]}' section of {args.results}", file=sys.stderr)
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jsp_fast._bench_cli", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.command_line = "python -m jsp_fast._bench_cli " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

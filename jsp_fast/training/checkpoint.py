@@ -32,6 +32,10 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 from torch import nn
 
+from .._version import __version__
+from ..cnf import CNF, ODEnet
+from .history import History
+
 FORMAT = "jsp_fast.checkpoint"
 VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -54,7 +58,7 @@ class Checkpoint:
     model: nn.Module
     config: dict
     optimizer: dict | None = None     # a torch optimizer state_dict, ready for load_state_dict
-    history: Any = None               # a jf.train History, when one was saved
+    history: History | None = None    # the jf.train History, when one was saved
     extra: dict = field(default_factory=dict)  # JSON values and tensors, as given to save()
 
 
@@ -97,7 +101,6 @@ def _fsync_dir(path: Path) -> None:
 def _model_config(model: nn.Module) -> dict:
     if not hasattr(model, "config"):
         raise TypeError(f"can only save a jf.CNF (a model with config()), got {type(model).__name__}")
-    from .cnf import ODEnet
     net = getattr(model, "net", None)
     if net is not None and not isinstance(net, ODEnet):
         raise TypeError(f"cannot save a CNF whose field is a {type(net).__name__}: save the dense/masked "
@@ -188,7 +191,6 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     if history is not None:
         state_json["history"] = history.to_dict() if hasattr(history, "to_dict") else _jsonable(list(history))
 
-    from . import __version__
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
@@ -277,7 +279,6 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
     if model is None:
         if cfg.get("class", "CNF") != "CNF":
             raise CheckpointError(f"checkpoint {path} holds a {cfg.get('class')}, not a CNF")
-        from .cnf import CNF
         try:
             model = CNF.from_config(cfg["model"])
         except (TypeError, ValueError, KeyError) as exc:
@@ -310,7 +311,6 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
         optimizer = {"state": state, "param_groups": o["param_groups"]}
     history = None
     if "history" in sj:
-        from .train import History
         history = History.from_dict(sj["history"])
     extra = dict(cfg.get("extra", {}))
     extra.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})

@@ -1,0 +1,265 @@
+"""``jsp-fast compare``: pruning methods × sparsities × seeds on one dataset, against dense and RNODE.
+
+Every run starts from the same initialisation for a given seed (so methods are compared pairwise),
+prunes at initialization (dense and RNODE runs do not), trains with ``jf.train`` at a loose tolerance
+and records, per step, the train NLL, forward/backward NFE and the batch-mean cumulative Jacobian
+norm ``R = ∫‖J‖_F dt`` (the poster's Figure 2, right). At the end it evaluates the test set in one
+solve (NLL, forward NFE, mean ``R``) and draws samples. Each finished run is written atomically to
+``<out>/runs/<name>.json`` and skipped when the command is rerun, so an interrupted comparison
+resumes where it stopped. ``report.md`` and the plots are rebuilt from whatever JSONs exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write_json, atomic_write_text
+from ..cnf import CNF, TRACES
+from ..data import get as get_data
+from ..prune import METHODS, prune
+from ..training import History, train
+from . import _common
+from ._args import UsageError, names, nonneg_float, nonneg_int, pos_float, pos_int, pos_ints, sparsities
+from ._args import block as block_shape
+from ._args import nonneg_ints
+from ._records import REFERENCES, run_name
+from .report import write_report
+
+__all__ = ["add_arguments", "run", "run_one", "curves", "DEFAULT_METHODS", "SETTINGS"]
+
+DEFAULT_METHODS = "jsp,random,magnitude,snip,synflow"
+
+
+# -- arguments -------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="8gaussians", help="a jf.data name (toy set, digits, ...)")
+    p.add_argument("--out", default=None, help="output directory (default: compare-<dataset>)")
+    p.add_argument("--methods", type=names(METHODS), default=DEFAULT_METHODS,
+                   help=f"comma list of jf.prune.METHODS (default {DEFAULT_METHODS})")
+    p.add_argument("--sparsities", type=sparsities, default="0.8,0.9,0.95", help="comma list in [0, 1)")
+    p.add_argument("--seeds", type=nonneg_ints, default="0,1,2", help="comma list of seeds")
+    p.add_argument("--no-references", action="store_true", help="skip the dense and RNODE runs")
+    p.add_argument("--rnode", type=nonneg_float, default=0.01, help="RNODE weight λ for kinetic and Jacobian terms")
+    p.add_argument("--reg-pruned", type=nonneg_float, default=0.0,
+                   help="also train every pruned model with RNODE at this λ (default 0: plain NLL)")
+    p.add_argument("--hidden", type=pos_ints, default=None, help="hidden widths, e.g. 64,64,64 (default per dataset)")
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--trace", default=None, choices=TRACES, help="default: exact for dim <= 8")
+    p.add_argument("--solver", default="dopri5")
+    p.add_argument("--tol", type=pos_float, default=1e-3, help="rtol = atol while training")
+    p.add_argument("--eval-tol", type=pos_float, default=1e-5, help="rtol = atol for the final test evaluation")
+    p.add_argument("--steps", type=pos_int, default=300)
+    p.add_argument("--batch-size", type=pos_int, default=256)
+    p.add_argument("--lr", type=pos_float, default=5e-3)
+    p.add_argument("--eval-every", type=pos_int, default=100, help="validation NLL every this many steps")
+    p.add_argument("--R-every", dest="R_every", type=nonneg_int, default=5,
+                   help="measure R on a fixed validation batch every this many steps (0: never)")
+    p.add_argument("--n", type=pos_int, default=None, help="training set size for generated data")
+    p.add_argument("--n-test", type=pos_int, default=2000, help="test points evaluated at the end (at most)")
+    p.add_argument("--n-samples", type=nonneg_int, default=1000, help="samples drawn per run for the grids")
+    p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"))
+    p.add_argument("--block", type=block_shape, default="16,16", help="block shape rows,cols for --granularity block")
+    p.add_argument("--scope", default="global", choices=("global", "layer"))
+    p.add_argument("--prune-batch", type=pos_int, default=512, help="data points used for the pruning scores")
+    p.add_argument("--rounds", type=pos_int, default=None,
+                   help="pruning rounds per method (jf.prune rounds=; default: 100 for synflow, else 1)")
+    p.add_argument("--root", default=None, help="data directory for file-based datasets")
+    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads")
+    p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from the JSONs")
+
+
+# The options that change a run's result; a stored run is reused only when they all match.
+SETTINGS = ("dataset", "hidden", "activation", "trace", "solver", "tol", "eval_tol", "steps", "batch_size", "lr",
+            "eval_every", "R_every", "n", "n_test", "granularity", "block", "scope", "prune_batch", "rnode", "root",
+            "rounds", "reg_pruned")
+
+
+def _as_text(v):
+    """Widths and block shapes as typed ("64,64,64"): the form stored run records hold."""
+    return ",".join(map(str, v)) if isinstance(v, tuple) else v
+
+
+def _settings(args) -> dict:
+    return {k: _as_text(getattr(args, k)) for k in SETTINGS}
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def _dataset(args, seed: int):
+    kw = {"seed": seed}
+    if args.n is not None:
+        kw["n"] = args.n
+    if args.root is not None:
+        kw["root"] = args.root
+    return get_data(args.dataset, **kw)
+
+
+def curves(hist: History) -> dict[str, list]:
+    """The record's per-step curves from ``jf.train``'s History: train NLL and NFE of each training
+    solve; R and validation NLL where they were measured (finite values only)."""
+    if not isinstance(hist, History):
+        raise TypeError(f"expected the History jf.train returns, got {type(hist).__name__}")
+    trained = [r for r in hist if r.get("train_nll") is not None]
+    R_step, R = hist.column("R")
+    val_step, val = hist.column("val_nll")
+    R_pts = [(s, float(v)) for s, v in zip(R_step, R) if math.isfinite(v)]
+    val_pts = [(s, float(v)) for s, v in zip(val_step, val) if math.isfinite(v)]
+    return {"step": [int(r["step"]) for r in trained],
+            "train_nll": [float(r["train_nll"]) for r in trained],
+            "nfe_forward": [float(r["nfe_forward"]) for r in trained],
+            "nfe_backward": [float(r["nfe_backward"]) for r in trained],
+            "R_step": [int(s) for s, _ in R_pts], "R": [v for _, v in R_pts],
+            "val_step": [int(s) for s, _ in val_pts], "val_nll": [v for _, v in val_pts]}
+
+
+@torch.no_grad()
+def _evaluate(model, x: torch.Tensor, tol: float, bits_per_dim=None) -> dict:
+    rtol, atol = model.rtol, model.atol
+    model.rtol = model.atol = tol
+    try:
+        t = time.perf_counter()
+        logp, stats = model.log_prob(x, return_stats=True)
+        out = {"test_nll": float(-logp.mean()), "test_nfe_forward": model.nfe["forward"],
+               "test_R": float(stats["R"].mean()), "eval_seconds": time.perf_counter() - t}
+        if bits_per_dim is not None:
+            out["test_bpd"] = float(bits_per_dim(logp, x).mean())
+        return out
+    finally:
+        model.rtol, model.atol = rtol, atol
+
+
+def _samples(model, ds, n: int, dim: int, seed: int) -> dict:
+    """Samples for the report's grid, rounded to keep the JSON small; an error is recorded, not raised
+    (a failed sample solve must not lose a trained run)."""
+    try:
+        s = model.sample(n if dim <= 8 else min(n, 64), seed=seed)
+        out = {}
+        if getattr(ds, "to_pixels", None) is not None and getattr(ds, "shape", None):
+            s = ds.to_pixels(s) / 16.0  # digits' pixels take the levels 0..16
+            out["samples_shape"] = list(ds.shape)
+        out["samples"] = [[round(float(v), 4) for v in row] for row in s]
+        return out
+    except Exception as exc:  # noqa: BLE001
+        return {"samples_error": str(exc)}
+
+
+def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
+    """Build, prune (unless a reference), train and evaluate one model; returns the JSON record."""
+    ds = _dataset(args, seed)
+    dim = int(ds.dim)
+    hidden = args.hidden or ((64, 64, 64) if dim <= 8 else (256, 256))
+    trace = args.trace or ("exact" if dim <= 8 else "hutchinson")
+    torch.manual_seed(seed)  # the same initialisation for every method at this seed
+    model = CNF(dim, hidden=hidden, activation=args.activation, trace=trace, solver=args.solver,
+                rtol=args.tol, atol=args.tol)
+    record = {"dataset": args.dataset, "method": method, "sparsity": sparsity, "seed": seed,
+              "settings": _settings(args),
+              "config": {"hidden": list(hidden), "trace": trace, "solver": args.solver, "tol": args.tol,
+                         "eval_tol": args.eval_tol, "steps": args.steps, "batch_size": args.batch_size,
+                         "lr": args.lr, "granularity": args.granularity, "block": _as_text(args.block),
+                         "scope": args.scope, "rnode": args.rnode, "prune_batch": args.prune_batch,
+                         "rounds": args.rounds, "reg_pruned": args.reg_pruned}}
+    t0 = time.perf_counter()
+    if method not in REFERENCES:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(ds.train.shape[0], generator=gen)[: args.prune_batch]
+        res = prune(model, method, sparsity, ds.train[idx], granularity=args.granularity, block=args.block,
+                    scope=args.scope, seed=seed, rounds=args.rounds)
+        record["prune"] = {"seconds": res.seconds, "density": res.density, "kept": res.kept,
+                           "total": res.total, "fallback": res.fallback,
+                           "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
+    t1 = time.perf_counter()
+    lam = args.rnode if method == "rnode" else (args.reg_pruned if method not in REFERENCES else 0.0)
+    reg = {"kinetic": lam, "jacobian": lam} if lam > 0 else None
+    bits_per_dim = getattr(ds, "bits_per_dim", None)
+    # Every option is passed by name: one train() does not take fails here, loudly, instead of
+    # being dropped while the record's settings still claim it.
+    hist = train(model, ds.train, ds.val, steps=args.steps, batch_size=args.batch_size, lr=args.lr, reg=reg,
+                 eval_every=args.eval_every, seed=seed, progress=False, R_every=args.R_every,
+                 bits_per_dim=bits_per_dim)
+    t2 = time.perf_counter()
+    record["history"] = curves(hist)
+    record.update(_evaluate(model, ds.test[: args.n_test], args.eval_tol, bits_per_dim))
+    record["train_seconds"] = t2 - t1
+    record["wall_seconds"] = t2 - t0
+    if args.n_samples > 0:
+        record.update(_samples(model, ds, args.n_samples, dim, seed))
+    if any(p.numel() for p in model.prunable_parameters().values()):
+        record["final_density"] = {n: float((p != 0).float().mean()) for n, p in model.prunable_parameters().items()}
+    return record
+
+
+# -- the whole comparison --------------------------------------------------------------------------
+def _plan(args) -> list[tuple[str, float | None, int]]:
+    """Every (method, sparsity, seed) to run: the references first, then the grid."""
+    plan = [] if args.no_references else [(r, None, s) for s in args.seeds for r in REFERENCES]
+    plan += [(m, sp, s) for s in args.seeds for sp in args.sparsities for m in args.methods]
+    return plan
+
+
+def _todo(plan: list, runs: Path, mine: dict) -> list:
+    """The runs without a stored record; a stored record made with other settings is an error."""
+    todo = []
+    for p in plan:
+        path = runs / f"{run_name(*p)}.json"
+        if not path.exists():
+            todo.append(p)
+            continue
+        theirs = json.loads(path.read_text()).get("settings", {})
+        diff = sorted(k for k in mine if k in theirs and theirs[k] != mine[k])
+        if diff:
+            raise UsageError(f"{path} was run with different settings "
+                             f"({', '.join(f'{k}={theirs[k]!r} now {mine[k]!r}' for k in diff)}); use another --out "
+                             f"or delete the stale runs")
+    return todo
+
+
+def _run_all(args, todo: list, runs: Path) -> list[str]:
+    """Run and store each planned run; the names of those that failed (the others go on)."""
+    from tqdm import tqdm
+    failed = []
+    bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run")
+    for method, sp, seed in bar:
+        name = run_name(method, sp, seed)
+        bar.set_postfix_str(name)
+        try:
+            rec = run_one(args, method, sp, seed)
+        except Exception as exc:  # noqa: BLE001 (record the failure, keep going)
+            failed.append(name)
+            tqdm.write(f"{name} failed: {type(exc).__name__}: {exc}")
+            continue
+        atomic_write_json(runs / f"{name}.json", rec, indent=None)
+        tqdm.write(f"{name}: test NLL {rec['test_nll']:.3f}, NFE-F {rec['test_nfe_forward']}, "
+                   f"R {rec['test_R']:.3g}, {rec['wall_seconds']:.0f}s")
+    return failed
+
+
+def run(args) -> int:
+    """Run what is missing of the comparison, then rebuild the report; 1 if a run failed."""
+    _common.set_threads(args.threads)
+    out = Path(args.out or f"compare-{args.dataset}")
+    runs = out / "runs"
+    plan = _plan(args)
+    runs.mkdir(parents=True, exist_ok=True)
+    meta_path = out / "command.txt"
+    command = _common.command_line(args)
+    failed = []
+    if not args.report_only:
+        atomic_write_text(meta_path, command + "\n")
+        todo = _todo(plan, runs, _settings(args))
+        if len(todo) < len(plan):
+            print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
+        failed = _run_all(args, todo, runs)
+    elif meta_path.exists():
+        command = meta_path.read_text().strip()
+    records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
+    print(f"report: {write_report(out, records, command)}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
