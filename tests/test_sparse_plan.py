@@ -158,7 +158,7 @@ def test_linear_module_state_dict_and_moves():
     x = torch.randn(3, 16)
     torch.testing.assert_close(other(x), layer(x))
     d = layer.double()
-    assert d.values.dtype == torch.float64 and d.row_ptr.dtype == torch.int64
+    assert d.values.dtype == torch.float64 and d.weight.row_ptr.dtype == torch.int64
     assert d(x.double()).dtype == torch.float64
     assert "density=0.250" in repr(layer)
 
