@@ -216,7 +216,8 @@ def test_int32_view_matches_tables():
     w = BlockSparseWeight.from_dense(torch.randn(48, 32, generator=gen), _grid(3, 4, 0.5, gen), (16, 8))
     t = w.int32()
     assert t is w.int32()  # made once
-    for a, b in zip(t, w.tables()):
+    assert t[:4] == (48, 32, 16, 8)
+    for a, b in zip(t[4:], w.tables()):
         assert a.dtype == torch.int32 and torch.equal(a.long(), b)
 
 

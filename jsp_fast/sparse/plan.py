@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-__all__ = ["BlockSparseWeight", "Plan", "Int32Tables", "FieldLayout", "BLOCK_CANDIDATES",
+__all__ = ["BlockSparseWeight", "Plan", "FieldLayout", "BLOCK_CANDIDATES",
            "as_block", "block_grid", "is_block_aligned", "infer_block", "build_tables", "blocks_to_dense",
            "stack_field"]
 
@@ -43,23 +43,13 @@ BLOCK_CANDIDATES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32), 
 
 
 class Plan(NamedTuple):
-    """The look-up tables a backend receives with every call (all int64, on the values' device)."""
+    """The look-up tables a backend receives with every call (int64, on the values' device; int32 from
+    ``BlockSparseWeight.int32()``)."""
 
     n: int
     k: int
     bm: int
     bk: int
-    row_ptr: torch.Tensor
-    col_idx: torch.Tensor
-    block_row: torch.Tensor
-    col_ptr: torch.Tensor
-    row_idx: torch.Tensor
-    perm: torch.Tensor
-
-
-class Int32Tables(NamedTuple):
-    """The same tables as int32 (what the fused CUDA field and the Triton fused field read)."""
-
     row_ptr: torch.Tensor
     col_idx: torch.Tensor
     block_row: torch.Tensor
@@ -264,10 +254,10 @@ class BlockSparseWeight:
     def plan(self) -> Plan:
         return Plan(self.shape[0], self.shape[1], self.block[0], self.block[1], *self.tables())
 
-    def int32(self) -> Int32Tables:
-        """The tables as int32 (made once per weight): the fused CUDA field's format."""
+    def int32(self) -> Plan:
+        """The plan with int32 tables (made once per weight): the fused CUDA field's format."""
         if self._i32 is None:
-            self._i32 = Int32Tables(*(t.to(torch.int32).contiguous() for t in self.tables()))
+            self._i32 = Plan(*self.shape, *self.block, *(t.to(torch.int32).contiguous() for t in self.tables()))
         return self._i32
 
     @property
