@@ -15,6 +15,8 @@ import triton.language as tl
 from ._common import (INTERPRET, _tile_dot_nn, acc_dtype, check_device, check_dtype, configs, dot_precision,
                       next_pow2, num_sms, torch_acc_dtype, use_dot)
 
+__all__ = ["bsr_t_matmul", "bsr_weight_grad"]
+
 
 # ---- kernels -------------------------------------------------------------------------------------
 # Input gradient, one program per (block column c, batch tile):

@@ -19,6 +19,8 @@ import triton.language as tl
 from ._common import (_act, _act_grad, _tile_dot, acc_dtype, act_code, check_device, check_dtype, configs,
                       dot_precision, next_pow2, use_dot)
 
+__all__ = ["bsr_linear_fwd", "bsr_linear_jvp"]
+
 
 # ---- kernels -------------------------------------------------------------------------------------
 # One program per (block row r, batch tile):

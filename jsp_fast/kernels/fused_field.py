@@ -34,6 +34,8 @@ import triton.language as tl
 from ._common import (INTERPRET, _act, _act_grad, _tile_dot, acc_dtype, act_code, check_device, check_dtype,
                       dot_precision, next_pow2, num_sms, torch_acc_dtype)
 
+__all__ = ["META", "BLOCK_B_MAX", "encode_meta", "fused_field"]
+
 META = 8  # per-layer int32 record: N, K, block rows, row_ptr offset, vector offset, apply act, -, -
 
 
