@@ -4,7 +4,7 @@
     (fused_mlp_math.h: activations, derivatives, scale/shift, BSR traversal on both the vectorised and
     the generic path, tile plan, tangent chunks, ragged last tile) on the CPU, one phase at a time for
     every thread; compared here with a float64 NumPy reference on random weights and block masks.
-(b) GPU: the real kernel through jsp_fast.sparse._cuda against a torch reference (skipped without a
+(b) GPU: the real kernel through jsp_fast.sparse.backends.cuda against a torch reference (skipped without a
     CUDA device and a module built with JSP_FAST_CUDA=ON).
 (c) The Python launcher's errors without a CUDA build / with bad arguments.
 
@@ -257,8 +257,8 @@ def _layer_dicts(fused_layers):
 def test_host_field_layers_of_a_cnf_field(host_check, tmp_path, sparse):
     """field_layers(SparseODEnet or masked ODEnet) -> kernel program == the field's own jvp (float64)."""
     from jsp_fast.cnf import ODEnet  # noqa: PLC0415
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
-    from jsp_fast.sparse._field import SparseODEnet  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
+    from jsp_fast.sparse import SparseODEnet  # noqa: PLC0415
 
     torch.manual_seed(1)
     net = ODEnet(3, (32, 48), "tanh")
@@ -291,7 +291,7 @@ def test_host_plan_and_validate(host_check):
 
 # ---- (b) GPU ---------------------------------------------------------------------------------------
 def _cuda_ready():
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     return torch.cuda.is_available() and _cuda.built_with_cuda()
 
@@ -300,7 +300,7 @@ needs_gpu = pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA device an
 
 
 def _torch_layers(layers, device):
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     out = []
     for L in layers:
@@ -317,7 +317,7 @@ def _torch_layers(layers, device):
 @pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("width,block,ntan", [(64, (16, 16), 1), (256, (32, 32), 2), (512, (32, 32), 1)])
 def test_gpu_matches_reference(act, width, block, ntan):
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     rng = np.random.default_rng(width + ntan)
     layers = field(rng, 6, (width, width), ACTS[act], block, density=0.3)
@@ -336,21 +336,25 @@ def test_gpu_matches_reference(act, width, block, ntan):
 def test_gpu_sparse_odenet_field():
     """The CNF's field: fused value + exact-trace tangents agree with SparseODEnet.jvp."""
     from jsp_fast.cnf import ODEnet  # noqa: PLC0415
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
-    from jsp_fast.sparse._field import SparseODEnet  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
+    from jsp_fast.sparse import SparseODEnet  # noqa: PLC0415
 
     torch.manual_seed(0)
     net = ODEnet(2, (64, 64), "softplus")
     for layer in net.layers[1:-1]:
         grid = torch.rand(layer.out_features // 16, layer.in_features // 16) < 0.4
         layer.set_mask(grid.repeat_interleave(16, 0).repeat_interleave(16, 1))
-    sp = SparseODEnet.from_odenet(net).cuda()
+    sp = SparseODEnet.from_odenet(net, fused="cuda").cuda()
     z = torch.randn(777, 2, device="cuda")
     v = torch.eye(2, device="cuda")[:, None, :].expand(2, 777, 2).contiguous()
     t = torch.tensor(0.3, device="cuda")
-    f, jv = _cuda.fused_field(sp, t, z, v)
     with torch.no_grad():
+        assert sp.fused_engine(z, v) == "cuda"
+        f, jv = sp.jvp(t, z, v)
         rf, rjv = sp.to_odenet().jvp(t, z, v)
+    f2, jv2 = _cuda.fused_mlp(z, _cuda.field_layers(sp, z.device), v, t)  # the function-level API
+    torch.testing.assert_close(f2, f, rtol=0, atol=0)
+    torch.testing.assert_close(jv2, jv, rtol=0, atol=0)
     torch.testing.assert_close(f, rf, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(jv, rjv, rtol=1e-4, atol=1e-5)
 
@@ -360,7 +364,7 @@ def test_gpu_sparse_odenet_field():
 def test_gpu_device_time_graph_capture_and_edge_cases():
     """t as a device scalar (no sync) == t as a float; the launch replays in a CUDA graph with a new t;
     batch 0; no tangents; inference only."""
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     rng = np.random.default_rng(2)
     layers_np = field(rng, 5, (96, 40), ACTS["elu"], (8, 8), density=0.5)
@@ -399,7 +403,7 @@ def test_gpu_device_time_graph_capture_and_edge_cases():
 
 # ---- (c) launcher errors ---------------------------------------------------------------------------
 def test_launcher_errors_without_cuda_build_or_device():
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     L = random_layer(rng, 8, 4, 4, 4, 1)
@@ -414,7 +418,7 @@ def test_launcher_errors_without_cuda_build_or_device():
 
 
 def test_fused_layer_checks():
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     values = torch.zeros(1, 4, 4)
     rp, ci = torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
@@ -440,7 +444,7 @@ def test_fused_layer_checks():
 
 def test_custom_op_fake_shapes():
     """jsp_fast::cuda_fused_mlp is a torch.library op with a fake implementation (torch.compile)."""
-    from jsp_fast.sparse import _cuda  # noqa: PLC0415
+    from jsp_fast.sparse.backends import cuda as _cuda  # noqa: PLC0415
 
     layers = [_cuda.FusedLayer.from_dense(torch.randn(8, 4), act="tanh", gate_w=torch.randn(8),
                                           gate_b=torch.randn(8), shift_w=torch.randn(8)),
@@ -456,7 +460,7 @@ def test_custom_op_fake_shapes():
     assert yd.shape == (0, 5, 3)
 
 
-@pytest.mark.skipif(not __import__("jsp_fast.sparse._cuda", fromlist=["x"]).built_with_cuda(),
+@pytest.mark.skipif(not __import__("jsp_fast.sparse.backends.cuda", fromlist=["x"]).built_with_cuda(),
                     reason="jsp_fast._C built without CUDA (bind_cuda is the empty stub)")
 def test_binding_checks_arguments():
     """bind_cuda rejects bad sizes, keys and pointers before anything reaches the GPU (no device needed)."""

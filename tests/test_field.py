@@ -12,12 +12,13 @@ import torch
 import torchdiffeq
 
 from jsp_fast.cnf import ACTIVATIONS, ODEnet
-from jsp_fast.sparse._field import (BlockSparseConcatSquash, DenseConcatSquash, SparseODEnet,
-                                    fused_available)
+import jsp_fast as jf
+from jsp_fast.sparse._field import BlockSparseConcatSquash, DenseConcatSquash, SparseODEnet
 
 BLOCK = (8, 8)
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5}
-needs_fused = pytest.mark.skipif(not fused_available(), reason="jsp_fast._C has no fused field")
+HAS_FUSED = "cpu" in jf.backends.available(fused=True)
+needs_fused = pytest.mark.skipif(not HAS_FUSED, reason="jsp_fast._C has no fused field")
 
 
 def _block_mask(n, k, density, gen, block=BLOCK, empty_row=True):
@@ -59,7 +60,7 @@ def _data(B, D, T, dtype, seed=1):
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("B,T", [(1, 1), (13, 3), (37, 2), (101, 1)])
 def test_forward_jvp_match_odenet(dtype, fused, B, T):
-    if fused and not fused_available():
+    if fused and not HAS_FUSED:
         pytest.skip("no fused field")
     net = _pruned_odenet(16, (24, 40), dtype=dtype)
     snet = SparseODEnet.from_odenet(net, fused=fused)

@@ -13,14 +13,17 @@ from _triton_util import INTERPRET, skip_unless_triton_runs
 
 import jsp_fast as jf
 from jsp_fast.cnf import ODEnet
-from jsp_fast.sparse import _triton
-from jsp_fast.sparse._field import FUSED_ENGINES, SparseODEnet, fused_available
+from jsp_fast.sparse import SparseODEnet, registry
+from jsp_fast.sparse.backends import cuda as cuda_backend
+from jsp_fast.sparse.backends import triton as triton_backend
+
+HAS_CPU_FIELD = "cpu" in jf.backends.available(fused=True)
 # (dim, hidden, block, batch) per device: the interpreter is ~1000x slower than a GPU
 SHAPES = {"cpu": (3, (32, 48), 16, 21), "cuda": (16, (256, 512, 256), 32, 4099)}
 
 
 def _skip_triton(device):
-    if _triton.IMPORT_ERROR is not None:
+    if triton_backend.IMPORT_ERROR is not None:
         pytest.skip("triton is not installed")
     skip_unless_triton_runs(device)
 
@@ -59,13 +62,13 @@ def test_engine_choice_on_cpu():
     t, z, v = _data("cpu", 2, torch.float64)
     auto = SparseODEnet.from_odenet(net)
     with torch.no_grad():
-        assert auto.fused_engine(z, v) == ("cpu" if fused_available() else None)
+        assert auto.fused_engine(z, v) == ("cpu" if HAS_CPU_FIELD else None)
         assert SparseODEnet.from_odenet(net, fused=False).fused_engine(z) is None
         assert SparseODEnet.from_odenet(net, backend="torch").fused_engine(z) is None
     # gradients needed: the per-layer (differentiable) ops run
     assert auto.fused_engine(z) is None  # the parameters require grad
     assert auto.fused_engine(z.requires_grad_(True)) is None
-    if INTERPRET and _triton.IMPORT_ERROR is None:
+    if INTERPRET and triton_backend.IMPORT_ERROR is None:
         tri = SparseODEnet.from_odenet(net, backend="triton")
         with torch.no_grad():
             assert tri.fused_engine(z, v) == "triton"
@@ -118,9 +121,7 @@ def test_triton_engine_matches_reference(device, dtype, T):
 
 
 def test_cuda_engine_matches_reference():
-    from jsp_fast.sparse import _cuda
-
-    if not _cuda.available():
+    if not cuda_backend.available():
         pytest.skip("needs a CUDA device and jsp_fast._C built with JSP_FAST_CUDA=ON")
     ref = _net("cuda")
     net = SparseODEnet.from_odenet(ref).float()
@@ -135,8 +136,7 @@ def test_cuda_engine_matches_reference():
 
 def test_triton_engine_one_launch_per_evaluation_and_repacks(monkeypatch):
     _skip_triton("cpu")
-    from jsp_fast.kernels.fused_field import FusedFieldPlan
-
+    FusedFieldPlan = triton_backend.FusedFieldPlan
     calls = []
     real = FusedFieldPlan.__call__
     monkeypatch.setattr(FusedFieldPlan, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
@@ -160,8 +160,7 @@ def test_sparsified_cnf_log_prob_through_triton_engine(monkeypatch):
     """A whole CNF solve (log_prob with the exact trace, rk4) runs the Triton fused field on every
     evaluation and agrees with the masked dense model."""
     _skip_triton("cpu")
-    from jsp_fast.kernels.fused_field import FusedFieldPlan
-
+    FusedFieldPlan = triton_backend.FusedFieldPlan
     calls = []
     real = FusedFieldPlan.__call__
     monkeypatch.setattr(FusedFieldPlan, "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
@@ -176,6 +175,8 @@ def test_sparsified_cnf_log_prob_through_triton_engine(monkeypatch):
 
 
 def test_fused_engines_are_named():
-    assert set(FUSED_ENGINES) == {"cpu", "cuda", "triton"}
+    names = {"cpu", "cuda"} | ({"triton"} if triton_backend.IMPORT_ERROR is None else set())
+    assert {name for name in names if registry.get(name).fused is not None} == names
+    assert registry.get("torch").fused is None
     with pytest.raises(ValueError, match="unknown fused engine"):
         SparseODEnet.from_odenet(_net("cpu")).fused_plan(torch.float32, engine="tpu")

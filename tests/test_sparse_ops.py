@@ -15,7 +15,8 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import jsp_fast as jf
 from jsp_fast.sparse import BlockSparseWeight
-from jsp_fast.sparse import _backends
+from jsp_fast.sparse import registry
+from jsp_fast.sparse.backends.torch_ref import TorchBackend
 from jsp_fast.sparse._ops import bsr_fwd, bsr_jvp, bsr_t_matmul, bsr_weight_grad
 
 BACKENDS = ["torch"] + (["cpu"] if "cpu" in jf.backends.available() else [])
@@ -343,13 +344,13 @@ def test_cpp_argument_checks_every_op(op):
 
 
 def test_backend_selection(monkeypatch):
-    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
     best = "cpu" if "cpu" in BACKENDS else "torch"
     assert jf.backends.resolve("auto", torch.device("cpu"), torch.float32) == best
     assert jf.backends.resolve("auto", torch.device("cpu"), torch.float16) == "torch"
-    monkeypatch.setenv(_backends.ENV_VAR, "torch")
+    monkeypatch.setenv(registry.ENV_VAR, "torch")
     assert jf.backends.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
-    monkeypatch.setenv(_backends.ENV_VAR, "bogus")
+    monkeypatch.setenv(registry.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match="unknown block-sparse backend 'bogus'"):
         jf.backends.resolve("auto", torch.device("cpu"), torch.float32)
 
@@ -357,14 +358,14 @@ def test_backend_selection(monkeypatch):
 def test_register_backend_interface(monkeypatch):
     calls = []
 
-    class Spy(_backends.TorchBackend):
+    class Spy(TorchBackend):
         def fwd(self, *a):
             calls.append("fwd")
             return super().fwd(*a)
 
     jf.backends.register_backend("spy", Spy(), devices=("cpu",), priority=99)
     try:
-        monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+        monkeypatch.delenv(registry.ENV_VAR, raising=False)
         assert jf.backends.available()[0] == "spy"
         w, _, _ = make(16, 16, (8, 8), 0.5, torch.float32, seed=70)
         jf.ops.bsr_linear(torch.randn(3, 16), w)

@@ -15,7 +15,7 @@ from _triton_util import INTERPRET, skip_unless_triton_runs  # noqa: E402
 
 import jsp_fast as jf  # noqa: E402
 from jsp_fast.sparse import BlockSparseWeight  # noqa: E402
-from jsp_fast.sparse import _triton  # noqa: E402,F401  (registers "triton")
+from jsp_fast.sparse.backends import triton as triton_backend  # noqa: E402
 
 SHAPES = {"cpu": dict(B=23, n=48, k=32, block=(16, 16)), "cuda": dict(B=2051, n=512, k=384, block=(32, 32))}
 
@@ -87,7 +87,7 @@ def test_field_plan_matches_sparse_odenet(device):
     """``field_plan`` (one fused launch) agrees with a sparsified field's per-layer jvp."""
     skip_unless_triton_runs(device)
     from jsp_fast.cnf import ODEnet  # noqa: PLC0415
-    from jsp_fast.sparse._field import SparseODEnet  # noqa: PLC0415
+    from jsp_fast.sparse import SparseODEnet  # noqa: PLC0415
 
     torch.manual_seed(0)
     dim, hidden, blk = (2, (32, 32), 16) if device == "cpu" else (8, (256, 256), 32)
@@ -97,7 +97,7 @@ def test_field_plan_matches_sparse_odenet(device):
         g = torch.rand(n // blk, k // blk) < 0.5
         layer.set_mask(g.repeat_interleave(blk, 0).repeat_interleave(blk, 1))
     sparse = SparseODEnet.from_odenet(net, backend="torch", fused=False).to(device)
-    plan = _triton.field_plan(sparse)
+    plan = triton_backend.field_plan(sparse)
     assert plan.block == (blk, blk)
     z = torch.randn(19, dim, dtype=torch.float64, device=device)
     eps = torch.randn(19, dim, dtype=torch.float64, device=device)

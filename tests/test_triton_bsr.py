@@ -2,7 +2,9 @@
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), ~1000x slower than native,
 so shapes are small; with a GPU the same bodies run at larger shapes. The look-up tables are built
-here from the dense mask with plain loops (independent of ``jsp_fast.kernels.lut``).
+here from the dense mask with plain loops (independent of ``jsp_fast.sparse.plan``). Autograd runs
+through the public ops (``jf.ops.bsr_linear(..., backend="triton")``), whose backward calls these
+launchers.
 
 Tolerances: float64 results must match to ~1e-10; float32/bf16 results must be within ~2x the error
 of torch's own same-precision dense computation against float64 (plus a small floor, since torch's
@@ -18,7 +20,9 @@ triton = pytest.importorskip("triton")
 
 from _triton_util import ACTS, act_grad_ref, act_ref, skip_unless_triton_runs  # noqa: E402
 
+import jsp_fast as jf  # noqa: E402
 from jsp_fast.kernels import bsr_grad, bsr_linear  # noqa: E402
+from jsp_fast.sparse import BlockSparseWeight  # noqa: E402
 
 
 # ---- a tiny independent plan: LUTs from a dense block grid ---------------------------------------
@@ -272,14 +276,16 @@ def test_weight_grad_split_batch(device):
     _close(dv, plan.block_view(g.T @ x), None, torch.float64)
 
 
-# ---- autograd ----------------------------------------------------------------------------------------
+# ---- autograd (the jsp_fast::bsr_* ops on the "triton" backend) --------------------------------------
 def _test_autograd(device, act, double_backward=False):
     skip_unless_triton_runs(device)
     dtype = torch.float64
     plan, x, scale, bias, gen = _setup(device, CASES[device][0], dtype, 70)
     leaves = [t.clone().requires_grad_(True) for t in (x, plan.values, scale, bias)]
     xs, vs, ss, bs = leaves
-    y = bsr_linear.BsrLinearFunction.apply(xs, vs, *plan.luts[:5], plan.shape, ss, bs, act)
+    w = BlockSparseWeight.from_blocks(vs, plan.row_idx, plan.col_idx, plan.shape)
+    assert w.values is vs  # blocks already in row-major order: no copy, gradients reach vs
+    y = jf.ops.bsr_linear(xs, w, ss, bs, act, backend="triton")
     ref_leaves = [t.clone().requires_grad_(True) for t in (x, plan.values, scale, bias)]
     xr, vr, sr, br = ref_leaves
     yr = act_ref(act, F.linear(xr, plan.dense(vr)) * sr + br)

@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 from _triton_util import ACTS, act_grad_ref, act_ref, skip_unless_triton_runs  # noqa: E402
 
-from jsp_fast.kernels.fused_field import FusedFieldPlan, fused_field  # noqa: E402
+from jsp_fast.sparse.backends.triton import FusedFieldPlan, fused_field  # noqa: E402
 
 
 def field_ref(z, eps, layers, act):

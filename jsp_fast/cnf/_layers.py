@@ -14,43 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = ("tanh", "softplus", "elu", "relu", "sigmoid", "none")
+from .. import _act
 
-
-def check_activation(name: str | None) -> str:
-    name = "none" if name is None else str(name).lower()
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
-    return name
-
-
-def activate(name: str, pre: torch.Tensor) -> torch.Tensor:
-    if name == "tanh":
-        return torch.tanh(pre)
-    if name == "softplus":
-        return F.softplus(pre)
-    if name == "elu":
-        return F.elu(pre)
-    if name == "relu":
-        return F.relu(pre)
-    if name == "sigmoid":
-        return torch.sigmoid(pre)
-    return pre
-
-
-def activation_derivative(name: str, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """d act / d pre, written with differentiable ops (training backpropagates through the trace)."""
-    if name == "tanh":
-        return 1.0 - out * out
-    if name == "softplus":
-        return torch.sigmoid(pre)
-    if name == "elu":
-        return torch.where(pre > 0, torch.ones_like(out), out + 1.0)
-    if name == "relu":
-        return (pre > 0).to(out.dtype)
-    if name == "sigmoid":
-        return out * (1.0 - out)
-    return torch.ones_like(out)
+# The activations live in jsp_fast._act; these names stay for code that imports them from here.
+ACTIVATIONS = _act.ACTIVATIONS
+check_activation = _act.check
+activate = _act.apply
+activation_derivative = _act.derivative
 
 
 class ConcatSquashLinear(nn.Module):

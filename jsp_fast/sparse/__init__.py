@@ -1,15 +1,18 @@
-"""Block-sparse compute: the plan format, torch.library ops with autograd, backends, modules.
+"""Block-sparse compute: plan, backend registry, torch.library ops, modules, the sparse field, sparsify.
 
-``BlockSparseWeight`` (plan + look-up tables), ``BlockSparseLinear`` (nn.Module); the ops are in
-``jsp_fast.ops`` and the backend registry in ``jsp_fast.backends`` (see ``_backends.py``).
+Public: ``BlockSparseWeight`` (the plan: kept blocks + look-up tables), ``BlockSparseLinear``
+(nn.Module), ``SparseODEnet`` (the block-sparse concatsquash field), ``sparsify``; the modules
+``plan`` (tables, block shapes, masks) and ``registry`` (backends and ``resolve``, the one chooser).
+The ops are re-exported as ``jsp_fast.ops`` and the registry as ``jsp_fast.backends``.
 """
 from __future__ import annotations
 
-from ._format import BlockSparseWeight
-from ._modules import BlockSparseLinear
+from . import plan, registry
+from . import backends  # noqa: F401  (registers torch, cpu, triton, cuda; imports neither triton nor CUDA)
 from . import _ops  # noqa: F401  (registers the jsp_fast::bsr_* custom ops)
-from . import _triton  # noqa: F401  (registers "triton" when triton is installed; imports it lazily)
 from ._field import SparseODEnet
+from ._modules import BlockSparseLinear
 from ._sparsify import sparsify
+from .plan import BlockSparseWeight
 
-__all__ = ["BlockSparseWeight", "BlockSparseLinear", "SparseODEnet", "sparsify"]
+__all__ = ["BlockSparseWeight", "BlockSparseLinear", "SparseODEnet", "sparsify", "plan", "registry"]

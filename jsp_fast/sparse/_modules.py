@@ -1,14 +1,71 @@
-"""``BlockSparseLinear``: an ``nn.Linear`` replacement that stores and trains only the kept blocks."""
+"""Modules that store and train only the kept blocks: ``BlockSparseLinear`` and their shared storage."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._format import BlockSparseWeight, _pair, build_tables
-from ._ops import _act_name, bsr_linear
+from .. import _act
+from ._ops import bsr_linear
+from .plan import BlockSparseWeight, as_block, build_tables
+
+__all__ = ["BlockSparseLinear"]
+
+_TABLES = ("_t_row_ptr", "_t_col_idx", "_t_block_row", "_t_col_ptr", "_t_row_idx", "_t_perm")
 
 
-class BlockSparseLinear(nn.Module):
+class _BlockStorage(nn.Module):
+    """Kept blocks as module state: the Parameter ``values`` ``[nnzb, bm, bk]`` (row-major over the block
+    grid) and the buffers ``block_rows``/``block_cols`` (their grid coordinates, saved in the state dict).
+    The look-up tables are derived from them by ``plan.build_tables`` into non-persistent buffers (they
+    follow ``.to()`` and stay out of the state dict), rebuilt after ``load_state_dict``; ``weight`` is
+    the ``BlockSparseWeight`` over the live ``values`` (no copy: gradients reach them).
+    """
+
+    def _init_blocks(self, weight: BlockSparseWeight) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.block = weight.block
+        self.values = nn.Parameter(weight.values.detach().clone())
+        self.register_buffer("block_rows", weight.block_row.clone())
+        self.register_buffer("block_cols", weight.col_idx.clone())
+        for name, t in zip(_TABLES, weight.tables()):
+            self.register_buffer(name, t.clone(), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, keys: module._rebuild_tables())
+
+    def _rebuild_tables(self) -> None:
+        bm, bk = self.block
+        tables = build_tables(self.block_rows, self.block_cols, self.out_features // bm, self.in_features // bk)
+        for name, t in zip(_TABLES, tables):
+            self.register_buffer(name, t, persistent=False)
+
+    @property
+    def weight(self) -> BlockSparseWeight:
+        """The plan over the live ``values`` Parameter (no copy; gradients reach ``values``)."""
+        return BlockSparseWeight(self.values, (self.out_features, self.in_features), self.block,
+                                 *(self._buffers[name] for name in _TABLES))
+
+    @property
+    def nnzb(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def density(self) -> float:
+        bm, bk = self.block
+        return self.nnzb * bm * bk / (self.out_features * self.in_features)
+
+    def block_mask(self) -> torch.Tensor:
+        """bool ``[n/bm, k/bk]`` grid of kept blocks."""
+        return self.weight.block_mask()
+
+    def mask(self) -> torch.Tensor:
+        """bool ``[n, k]`` element mask."""
+        return self.weight.mask()
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense ``[n, k]`` weight (zeros outside kept blocks), differentiable in ``values``."""
+        return self.weight.to_dense()
+
+
+class BlockSparseLinear(_BlockStorage):
     """``y = act(x Wᵀ + b)`` with a block-sparse ``W``.
 
     Parameters: ``values`` ``[nnzb, bm, bk]`` (the kept blocks, trainable) and ``bias`` ``[n]`` (or
@@ -20,26 +77,15 @@ class BlockSparseLinear(nn.Module):
                  block=(32, 32), bias: bool = True, activation: str | None = None, backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        bm, bk = _pair(block)
-        self.in_features, self.out_features, self.block = int(in_features), int(out_features), (bm, bk)
-        self.activation = _act_name(activation)
+        bm, bk = as_block(block)
+        self.activation = _act.check(activation)
         self.backend = backend
         proto = BlockSparseWeight.from_blocks(
             torch.zeros(len(block_rows), bm, bk, device=device, dtype=dtype or torch.get_default_dtype()),
             block_rows, block_cols, (out_features, in_features))
-        self.values = nn.Parameter(proto.values)
+        self._init_blocks(proto)
         nn.init.kaiming_uniform_(self.values.view(-1, bk), a=5 ** 0.5)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=self.values.dtype)) if bias else None
-        self.register_buffer("block_rows", proto.block_row.clone())
-        self.register_buffer("block_cols", proto.col_idx.clone())
-        self._rebuild_tables()
-        self.register_load_state_dict_post_hook(lambda module, keys: module._rebuild_tables())
-
-    def _rebuild_tables(self) -> None:
-        bm, bk = self.block
-        t = build_tables(self.block_rows, self.block_cols, self.out_features // bm, self.in_features // bk)
-        for name, v in zip(("row_ptr", "_col_idx", "_block_row", "col_ptr", "row_idx", "perm"), t):
-            self.register_buffer(name, v, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mask: torch.Tensor | None = None, block=(32, 32),
@@ -55,16 +101,6 @@ class BlockSparseLinear(nn.Module):
                 m.bias.copy_(linear.bias)
         return m
 
-    @property
-    def weight(self) -> BlockSparseWeight:
-        """The plan over the live ``values`` Parameter (no copy; gradients reach ``values``)."""
-        return BlockSparseWeight(self.values, (self.out_features, self.in_features), self.block, self.row_ptr,
-                                 self._col_idx, self._block_row, self.col_ptr, self.row_idx, self.perm)
-
-    @property
-    def density(self) -> float:
-        return self.weight.density
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return bsr_linear(x, self.weight, None, self.bias, self.activation, backend=self.backend)
 
@@ -73,12 +109,12 @@ class BlockSparseLinear(nn.Module):
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.values.device, dtype=self.values.dtype)
         with torch.no_grad():
-            lin.weight.copy_(self.weight.to_dense())
+            lin.weight.copy_(self.dense_weight())
             if self.bias is not None:
                 lin.bias.copy_(self.bias)
         return lin
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features} -> {self.out_features}, block={self.block}, nnzb={self.values.shape[0]}, "
+        return (f"{self.in_features} -> {self.out_features}, block={self.block}, nnzb={self.nnzb}, "
                 f"density={self.density:.3f}, bias={self.bias is not None}, activation={self.activation!r}, "
                 f"backend={self.backend!r}")

@@ -28,8 +28,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _backends as B
-from ._format import BlockSparseWeight, Plan
+from .. import _act
+from . import registry
+from .plan import BlockSparseWeight, Plan
+
+__all__ = ["bsr_linear", "bsr_linear_jvp", "bsr_fwd", "bsr_jvp", "bsr_t_matmul", "bsr_weight_grad"]
 
 
 def _plan(values: Tensor, tables) -> Plan:
@@ -40,7 +43,10 @@ def _plan(values: Tensor, tables) -> Plan:
 
 
 def _impl(backend: str):
-    return B.get(backend).impl
+    impl = registry.get(backend).impl
+    if impl is None:  # only reachable by calling the raw op with a fused-only backend's name
+        raise ValueError(f"block-sparse backend {backend!r} offers no per-layer ops")
+    return impl
 
 
 def _c(t):
@@ -140,7 +146,7 @@ def _fwd_backward(ctx, gy):
     x, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
-    gpre = gy if act == "none" else gy * B.dact_from_y(act, y)
+    gpre = gy if act == "none" else gy * _act.dact_from_y(act, y)
     gx = None
     if need[0]:
         gx = bsr_t_matmul(gpre if scale is None else gpre * scale, values, *tables, backend)
@@ -169,12 +175,12 @@ def _jvp_backward(ctx, gy, gyd):
     T, Bn, K = x_dot.shape
     gy = torch.zeros_like(y) if gy is None else gy
     gyd = y.new_zeros(T, Bn, y.shape[1]) if gyd is None else gyd
-    d = B.dact_from_y(act, y)
+    d = _act.dact_from_y(act, y)
     s = scale if scale is not None else None
     gdu = gyd * d  # grad w.r.t. s ⊙ ud[t]
     gud = gdu if s is None else gdu * s  # grad w.r.t. ud[t]
     gy_tot = gy
-    dd = B.ddact_dy(act, y)
+    dd = _act.ddact_dy(act, y)
     if dd is not None:  # y_dot depends on y through d(y): needs ud = x_dot Wᵀ again
         ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
         su = (gyd * ud).sum(0)
@@ -231,15 +237,6 @@ bsr_weight_grad.register_autograd(_wg_backward, setup_context=_wg_setup)
 
 
 # ---- public entry points --------------------------------------------------------------------------
-def _act_name(activation) -> str:
-    name = "none" if activation is None else str(activation).lower()
-    if name in ("identity", "linear"):
-        name = "none"
-    if name not in B.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected None or one of {B.ACTIVATIONS}")
-    return name
-
-
 def _check_vec(v, name, w: BlockSparseWeight):
     if v is None:
         return None
@@ -279,8 +276,8 @@ def bsr_linear(x: Tensor, w: BlockSparseWeight, scale: Tensor | None = None, bia
     "sigmoid". Differentiable (twice) in x, the weight's values, scale and bias.
     """
     scale, bias = _check(x, w, scale, bias)
-    act = _act_name(activation)
-    name = B.resolve(backend, x.device, x.dtype, w.plan())
+    act = _act.check(activation)
+    name = registry.resolve(backend, x.device, x.dtype, w.plan())
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.shape[1]).contiguous()
     y = bsr_fwd(x2, w.values.contiguous(), *w.tables(), scale, bias, act, name)
@@ -298,7 +295,7 @@ def bsr_linear_jvp(x: Tensor, x_dot: Tensor, w: BlockSparseWeight, scale: Tensor
     """
     scale, bias = _check(x, w, scale, bias)
     _check(x_dot, w, None, None, what="x_dot")
-    act = _act_name(activation)
+    act = _act.check(activation)
     lead = x.shape[:-1]
     if x_dot.shape == x.shape:
         single, T = True, 1
@@ -307,7 +304,7 @@ def bsr_linear_jvp(x: Tensor, x_dot: Tensor, w: BlockSparseWeight, scale: Tensor
     else:
         raise ValueError(f"x_dot must have x's shape {tuple(x.shape)} or [T, *{tuple(x.shape)}], "
                          f"got {tuple(x_dot.shape)}")
-    name = B.resolve(backend, x.device, x.dtype, w.plan())
+    name = registry.resolve(backend, x.device, x.dtype, w.plan())
     k, n = w.shape[1], w.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     xd = x_dot.reshape(T, x2.shape[0], k).contiguous()

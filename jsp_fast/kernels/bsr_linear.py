@@ -2,12 +2,13 @@
 
 Weight format (plain tensors, no plan object): the kept ``bm x bk`` blocks of an ``N x K`` weight ``W``
 as ``values [nnzb, bm, bk]`` (``values[p] = W[r*bm:(r+1)*bm, c*bk:(c+1)*bk]``), ordered by block row;
-``row_ptr [N/bm + 1]`` (int32, CSR over block rows) and ``col_idx [nnzb]`` (int32, block column of
-each block). The transposed (block-column) table used by the input gradient lives in
-``bsr_grad.py``; ``lut.py`` builds both from a mask.
+``row_ptr [N/bm + 1]`` (CSR over block rows) and ``col_idx [nnzb]`` (block column of each block),
+int32 or int64, as built by ``jsp_fast.sparse.plan``. The transposed (block-column) table used by the
+input gradient is read by ``bsr_grad.py``.
 
-Three parts, as in Liger-Kernel: private ``@triton.jit`` kernels, launchers over plain tensors, and
-``BsrLinearFunction`` (autograd, differentiable to any order through ``bsr_grad``).
+Two parts: private ``@triton.jit`` kernels and launchers over plain tensors. Autograd lives above,
+in the ``jsp_fast::bsr_*`` custom ops (``jsp_fast/sparse/_ops.py``), which call these launchers
+through the "triton" backend.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import triton.language as tl
 
 from ._common import (_act, _act_grad, _tile_dot, acc_dtype, act_code, check_device, check_dtype, configs,
                       dot_precision, next_pow2, use_dot)
+
+__all__ = ["bsr_linear_fwd", "bsr_linear_jvp"]
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -221,60 +224,3 @@ def bsr_linear_jvp(x, x_dot, values, row_ptr, col_idx, shape, scale=None, bias=N
             HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ACT=act_code(activation),
             USE_DOT=use_dot(bm, bk), PRECISION=dot_precision(x.dtype, tf32), ACC=acc_dtype(x.dtype))
     return y, yd
-
-
-# ---- autograd ------------------------------------------------------------------------------------
-def _act_grad_from_y(code: int, y: torch.Tensor) -> torch.Tensor:
-    """act'(pre) written in terms of y = act(pre) with differentiable torch ops."""
-    if code == 1:
-        return 1.0 - y * y
-    if code == 2:  # softplus: sigmoid(pre) = 1 - exp(-y)
-        return -torch.expm1(-y)
-    if code == 3:
-        return torch.where(y > 0, torch.ones_like(y), y + 1.0)
-    if code == 4:
-        return (y > 0).to(y.dtype)
-    if code == 5:
-        return y * (1.0 - y)
-    return torch.ones_like(y)
-
-
-class BsrLinearFunction(torch.autograd.Function):
-    """``y = act(scale * (x W^T) + bias)`` with gradients for x, values, scale and bias.
-
-    The backward is written with ``bsr_grad``'s differentiable primitives (transposed product for x,
-    kept-block ``g^T x`` for values), so it can itself be differentiated (CNF training backpropagates
-    through the trace, i.e. through a JVP). Used as ``BsrLinearFunction.apply(x, values, row_ptr,
-    col_idx, col_ptr, t_row, t_perm, shape, scale, bias, activation)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, values, row_ptr, col_idx, col_ptr, t_row, t_perm, shape, scale, bias, activation):
-        need_prod = scale is not None and ctx.needs_input_grad[8]
-        out = bsr_linear_fwd(x, values, row_ptr, col_idx, shape, scale, bias, activation, store_prod=need_prod)
-        y, prod = out if need_prod else (out, None)
-        ctx.code = act_code(activation)
-        ctx.shape = tuple(shape)
-        ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
-        ctx.save_for_backward(x, values, row_ptr, col_idx, col_ptr, t_row, t_perm, y, scale, prod)
-        return y
-
-    @staticmethod
-    def backward(ctx, gy):
-        from .bsr_grad import bsr_product, bsr_t_matmul_fn, bsr_weight_grad_fn  # noqa: PLC0415
-
-        x, values, row_ptr, col_idx, col_ptr, t_row, t_perm, y, scale, prod = ctx.saved_tensors
-        g = gy * _act_grad_from_y(ctx.code, y)                 # d/d pre
-        gs = g * scale if ctx.has_scale else g                # d/d (x W^T)
-        luts = (row_ptr, col_idx, col_ptr, t_row, t_perm, ctx.shape)
-        gx = bsr_t_matmul_fn(gs, values, *luts) if ctx.needs_input_grad[0] else None
-        gv = bsr_weight_grad_fn(gs, x, values.shape, *luts) if ctx.needs_input_grad[1] else None
-        gscale = gbias = None
-        lead = tuple(range(g.dim() - 1))
-        if ctx.has_scale and ctx.needs_input_grad[8]:
-            if prod is None or torch.is_grad_enabled():  # create_graph: keep prod differentiable
-                prod = bsr_product(x, values, *luts)
-            gscale = (g * prod).sum(lead).reshape(scale.shape)
-        if ctx.has_bias and ctx.needs_input_grad[9]:
-            gbias = g.sum(lead)
-        return gx, gv, None, None, None, None, None, None, gscale, gbias, None

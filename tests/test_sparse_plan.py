@@ -1,4 +1,5 @@
-"""BlockSparseWeight: construction from masks, tables, moves, saving; BlockSparseLinear as a module."""
+"""jsp_fast.sparse.plan: BlockSparseWeight (construction from masks, tables, moves, saving), block shapes
+and masks, the int32 view, the stacked field layout; BlockSparseLinear as a module."""
 from __future__ import annotations
 
 import pytest
@@ -7,6 +8,8 @@ from torch import nn
 
 import jsp_fast as jf
 from jsp_fast.sparse import BlockSparseLinear, BlockSparseWeight
+from jsp_fast.sparse.plan import (as_block, block_grid, blocks_to_dense, infer_block, is_block_aligned,
+                                  stack_field)
 
 
 def _grid(nbr, nbc, p, gen):
@@ -158,7 +161,7 @@ def test_linear_module_state_dict_and_moves():
     x = torch.randn(3, 16)
     torch.testing.assert_close(other(x), layer(x))
     d = layer.double()
-    assert d.values.dtype == torch.float64 and d.row_ptr.dtype == torch.int64
+    assert d.values.dtype == torch.float64 and d.weight.row_ptr.dtype == torch.int64
     assert d(x.double()).dtype == torch.float64
     assert "density=0.250" in repr(layer)
 
@@ -169,3 +172,73 @@ def test_public_names():
     names = jf.backends.available()
     assert isinstance(names, tuple) and "torch" in names
     assert "cpu" in names  # the compiled module is built in this tree
+
+
+# ---- block shapes, masks, the int32 view and the stacked field layout (jsp_fast.sparse.plan) ----------
+def test_as_block_accepts_ints_and_pairs():
+    import numpy as np
+
+    assert as_block(8) == (8, 8)
+    assert as_block((16, 32)) == (16, 32)
+    assert as_block([4, 2]) == (4, 2)
+    assert as_block(np.int64(16)) == (16, 16)
+    assert as_block(torch.tensor([8, 4])) == (8, 4)
+
+
+@pytest.mark.parametrize("bad,err,msg", [
+    (0, ValueError, "positive"), ((8, -1), ValueError, "positive"), ((8,), ValueError, "got 1 values"),
+    ((8, 8, 8), ValueError, "got 3 values"), (2.5, TypeError, "int or a pair"), ("8", TypeError, "int or a pair"),
+    (None, TypeError, "int or a pair"), (True, TypeError, "int or a pair"), ((8, 2.0), TypeError, "int or a pair"),
+])
+def test_as_block_errors(bad, err, msg):
+    with pytest.raises(err, match=msg):
+        as_block(bad)
+
+
+def test_block_alignment_and_inference():
+    gen = torch.Generator().manual_seed(3)
+    g = torch.rand(4, 6, generator=gen) < 0.5
+    g[0, 0], g[0, 1] = True, False
+    mask = g.repeat_interleave(16, 0).repeat_interleave(8, 1)  # 64 x 48 of 16x8 blocks
+    assert is_block_aligned(mask, (16, 8)) and is_block_aligned(mask, 8)
+    assert not is_block_aligned(mask, (16, 16)) and not is_block_aligned(mask, (32, 8))
+    assert infer_block(mask) == (8, 8)  # the largest candidate the mask is built of
+    assert torch.equal(block_grid(mask, (16, 8)), g)
+    m2 = mask.clone()
+    m2[0, 0] = False  # a partially kept block: not aligned to any candidate
+    assert infer_block(m2) is None
+    with pytest.raises(ValueError, match="not a multiple of the block"):
+        block_grid(mask, (7, 8))
+
+
+def test_int32_view_matches_tables():
+    gen = torch.Generator().manual_seed(5)
+    w = BlockSparseWeight.from_dense(torch.randn(48, 32, generator=gen), _grid(3, 4, 0.5, gen), (16, 8))
+    t = w.int32()
+    assert t is w.int32()  # made once
+    assert t[:4] == (48, 32, 16, 8)
+    for a, b in zip(t[4:], w.tables()):
+        assert a.dtype == torch.int32 and torch.equal(a.long(), b)
+
+
+def test_stack_field_layout():
+    gen = torch.Generator().manual_seed(4)
+    masks = [None, (torch.rand(40, 24, generator=gen) < 0.3), None]
+    weights = [torch.randn(24, 3, generator=gen, dtype=torch.float64),
+               torch.randn(40, 24, generator=gen, dtype=torch.float64) * masks[1],
+               torch.zeros(3, 40, dtype=torch.float64)]
+    weights[2][1, 5] = 1.0  # one nonzero: one kept block in the last layer
+    L = stack_field(weights, masks, 16)
+    assert L.block == (16, 16) and L.shapes == ((24, 3), (40, 24), (3, 40))
+    assert L.block_rows == (2, 3, 1) and L.row_ptr_offsets == (0, 3, 7) and L.vector_offsets == (0, 32, 80)
+    assert L.vector_len == 96 and L.max_width == 48 and L.nnzb[2] == 1
+    assert L.row_ptr.dtype == torch.int32 and L.col_idx.dtype == torch.int32
+    # every layer rebuilt from the stacked tables gives back its (padded) weight
+    start = 0
+    for (n, k), nbr, off, nnzb, w in zip(L.shapes, L.block_rows, L.row_ptr_offsets, L.nnzb, weights):
+        rp = L.row_ptr[off: off + nbr + 1].long() - start
+        rows = torch.repeat_interleave(torch.arange(nbr), rp[1:] - rp[:-1])
+        dense = blocks_to_dense(L.values[start: start + nnzb], rows, L.col_idx[start: start + nnzb].long(),
+                                (nbr * 16, -(-k // 16) * 16))
+        torch.testing.assert_close(dense[:n, :k], w, rtol=0, atol=0)
+        start += nnzb

@@ -1,7 +1,6 @@
 """Shared pieces of the Triton kernels: activation codes and their jit helpers, dtype and config rules.
 
-Activation codes match ``jsp_fast.sparse._field.ACT_CODES`` (and the C++ field):
-none 0, tanh 1, softplus 2, elu 3, relu 4, sigmoid 5.
+Activation codes are ``jsp_fast._act.CODES`` (shared with the C++/CUDA kernels).
 """
 from __future__ import annotations
 
@@ -11,7 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACT_CODES = {"none": 0, "tanh": 1, "softplus": 2, "elu": 3, "relu": 4, "sigmoid": 5}
+from .. import _act as _activations  # (_act is the jit helper below)
+
+ACT_CODES = _activations.CODES
 
 # Under TRITON_INTERPRET=1 kernels run on the CPU through NumPy: one config, no autotuning.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -20,10 +21,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def act_code(activation) -> int:
-    name = "none" if activation is None else str(activation).lower()
-    if name not in ACT_CODES:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACT_CODES)}")
-    return ACT_CODES[name]
+    """The kernel code of an activation name (None means "none"); a ValueError for an unknown one."""
+    return _activations.code(activation)
 
 
 def acc_dtype(dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""The block-sparse plan: ``BlockSparseWeight``.
+"""The block-sparse plan: the one place block tables and packed layouts are built.
 
 A weight ``W`` of shape ``[n, k]`` cut into ``bm x bk`` blocks keeps ``nnzb`` of them. Stored:
 
@@ -10,7 +10,12 @@ A weight ``W`` of shape ``[n, k]`` cut into ``bm x bk`` blocks keeps ``nnzb`` of
 - the transposed table (block columns, for the input gradient): ``col_ptr [k/bk + 1]``,
   ``row_idx [nnzb]`` and ``perm [nnzb]`` (the index into ``values`` of each block in column order).
 
-The tables are int64 and built once, from a fixed layout (pruning at initialisation fixes it).
+The tables are int64 and built once, from a fixed layout (pruning at initialisation fixes it);
+``BlockSparseWeight.int32()`` is the int32 view the fused CUDA/Triton fields read, and
+``stack_field`` packs the layers of a whole field on one block grid (the Triton fused field).
+
+Block shapes are parsed by ``as_block`` (an int or a pair); masks are tested and measured by
+``block_grid``, ``is_block_aligned`` and ``infer_block``.
 
 Layers whose dimensions are not multiples of the block are rejected with an error rather than padded:
 padding would change the layer's shape (and every neighbour's), and ``jf.sparsify`` keeps such layers
@@ -19,17 +24,27 @@ dense anyway. Choose a block that divides both dimensions, or pad the model your
 from __future__ import annotations
 
 import json
+import operator
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
+
+__all__ = ["BlockSparseWeight", "Plan", "FieldLayout", "BLOCK_CANDIDATES",
+           "as_block", "block_grid", "is_block_aligned", "infer_block", "build_tables", "blocks_to_dense",
+           "stack_field"]
 
 FORMAT_VERSION = 1
 _META_KEY = "jsp_fast.block_sparse"
 
+# Block shapes tried, largest first, when the block is not given (a mask carries no block size, so it
+# is recovered from the mask: the largest of these on which the mask is constant).
+BLOCK_CANDIDATES = ((64, 64), (64, 32), (32, 64), (32, 32), (32, 16), (16, 32), (16, 16), (8, 8))
+
 
 class Plan(NamedTuple):
-    """The look-up tables a backend receives with every call (all int64, on the values' device)."""
+    """The look-up tables a backend receives with every call (int64, on the values' device; int32 from
+    ``BlockSparseWeight.int32()``)."""
 
     n: int
     k: int
@@ -43,16 +58,33 @@ class Plan(NamedTuple):
     perm: torch.Tensor
 
 
-def _pair(block) -> tuple[int, int]:
-    if isinstance(block, int):
-        block = (block, block)
+# ---- block shapes and masks ----------------------------------------------------------------------
+def as_block(block) -> tuple[int, int]:
+    """``(bm, bk)`` from an int ``b`` (a square ``b x b`` block) or a pair of ints; both positive.
+
+    A TypeError for anything else (floats, strings, None), a ValueError for a pair of the wrong length
+    or a side below 1.
+    """
+    if isinstance(block, bool):
+        raise TypeError(f"block must be an int or a pair of ints, got {block!r}")
     try:
-        bm, bk = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block must be an int or a pair of ints, got {block!r}") from None
-    if bm <= 0 or bk <= 0:
-        raise ValueError(f"block dims must be positive, got {(bm, bk)}")
-    return bm, bk
+        b = operator.index(block)
+        pair = (b, b)
+    except TypeError:
+        if isinstance(block, (str, bytes)) or not hasattr(block, "__len__"):
+            raise TypeError(f"block must be an int or a pair of ints, got {block!r}") from None
+        if len(block) != 2:
+            raise ValueError(f"block must be an int or a pair of ints (bm, bk), got {len(block)} values: "
+                             f"{tuple(block)!r}") from None
+        try:
+            if any(isinstance(v, bool) for v in block):
+                raise TypeError
+            pair = tuple(operator.index(v) for v in block)
+        except TypeError:
+            raise TypeError(f"block must be an int or a pair of ints, got {tuple(block)!r}") from None
+    if pair[0] <= 0 or pair[1] <= 0:
+        raise ValueError(f"block dims must be positive, got {pair}")
+    return pair
 
 
 def _check_divisible(shape: tuple[int, int], block: tuple[int, int]) -> None:
@@ -66,6 +98,34 @@ def _check_divisible(shape: tuple[int, int], block: tuple[int, int]) -> None:
         )
 
 
+def block_grid(mask: torch.Tensor, block) -> torch.Tensor:
+    """bool ``[n/bm, k/bk]``: the blocks of ``mask`` (bool or numeric) with any kept (nonzero) entry."""
+    bm, bk = as_block(block)
+    n, k = mask.shape
+    _check_divisible((n, k), (bm, bk))
+    return (mask != 0).reshape(n // bm, bm, k // bk, bk).any(dim=3).any(dim=1)
+
+
+def is_block_aligned(mask: torch.Tensor, block) -> bool:
+    """True when ``mask`` tiles exactly into ``block`` and is constant on every block."""
+    n, k = mask.shape
+    bm, bk = as_block(block)
+    if n % bm or k % bk:
+        return False
+    g = (mask != 0).reshape(n // bm, bm, k // bk, bk)
+    return bool((g.all(dim=(1, 3)) == g.any(dim=(1, 3))).all())
+
+
+def infer_block(mask: torch.Tensor) -> tuple[int, int] | None:
+    """The largest of ``BLOCK_CANDIDATES`` the mask is built of, or None."""
+    best = None
+    for b in BLOCK_CANDIDATES:
+        if is_block_aligned(mask, b) and (best is None or b[0] * b[1] > best[0] * best[1]):
+            best = b
+    return best
+
+
+# ---- tables ----------------------------------------------------------------------------------------
 def build_tables(block_rows: torch.Tensor, block_cols: torch.Tensor, nbr: int, nbc: int):
     """Forward and transposed tables from sorted (row-major) block coordinates."""
     dev = block_rows.device
@@ -86,15 +146,17 @@ class BlockSparseWeight:
     and their grid coordinates). Pass it to ``jf.ops.bsr_linear`` / ``bsr_linear_jvp``.
     """
 
-    __slots__ = ("values", "shape", "block", "row_ptr", "col_idx", "block_row", "col_ptr", "row_idx", "perm")
+    __slots__ = ("values", "shape", "block", "row_ptr", "col_idx", "block_row", "col_ptr", "row_idx", "perm",
+                 "_i32")
 
     def __init__(self, values, shape, block, row_ptr, col_idx, block_row, col_ptr, row_idx, perm):
         # Internal: the tables are trusted here (use from_dense / from_blocks).
         self.values = values
         self.shape = (int(shape[0]), int(shape[1]))
-        self.block = _pair(block)
+        self.block = as_block(block)
         self.row_ptr, self.col_idx, self.block_row = row_ptr, col_idx, block_row
         self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
+        self._i32 = None
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -110,21 +172,19 @@ class BlockSparseWeight:
             raise ValueError(f"weight must be a 2-d tensor [n, k], got {getattr(weight, 'shape', type(weight))}")
         if not weight.is_floating_point():
             raise TypeError(f"weight must be floating point, got {weight.dtype}")
-        bm, bk = _pair(block)
+        bm, bk = as_block(block)
         n, k = weight.shape
         _check_divisible((n, k), (bm, bk))
         nbr, nbc = n // bm, k // bk
         if mask is None:
-            grid = (weight.detach() != 0).reshape(nbr, bm, nbc, bk).any(dim=3).any(dim=1)
+            grid = block_grid(weight.detach(), (bm, bk))
         else:
             if not isinstance(mask, torch.Tensor):
                 mask = torch.as_tensor(mask)
             mask = mask.to(device=weight.device) != 0
             if tuple(mask.shape) == (n, k):
-                g = mask.reshape(nbr, bm, nbc, bk)
-                grid = g.any(dim=3).any(dim=1)
-                full = g.all(dim=3).all(dim=1)
-                partial = int((grid & ~full).sum())
+                grid = block_grid(mask, (bm, bk))
+                partial = int((grid & ~mask.reshape(nbr, bm, nbc, bk).all(dim=3).all(dim=1)).sum())
                 if partial:
                     raise ValueError(
                         f"mask is not block-aligned for block {(bm, bk)}: {partial} of {nbr * nbc} blocks are "
@@ -193,6 +253,12 @@ class BlockSparseWeight:
 
     def plan(self) -> Plan:
         return Plan(self.shape[0], self.shape[1], self.block[0], self.block[1], *self.tables())
+
+    def int32(self) -> Plan:
+        """The plan with int32 tables (made once per weight): the fused CUDA field's format."""
+        if self._i32 is None:
+            self._i32 = Plan(*self.shape, *self.block, *(t.to(torch.int32).contiguous() for t in self.tables()))
+        return self._i32
 
     @property
     def nnzb(self) -> int:
@@ -301,3 +367,73 @@ def blocks_to_dense(values: torch.Tensor, block_row: torch.Tensor, col_idx: torc
     grid = values.new_zeros(n // bm, k // bk, bm, bk)
     grid = grid.index_put((block_row, col_idx), values)
     return grid.permute(0, 2, 1, 3).reshape(n, k)
+
+
+# ---- a whole field on one block grid (the Triton fused field) --------------------------------------
+class FieldLayout(NamedTuple):
+    """The block-sparse layers of a field re-blocked on one ``BM x BK`` grid and concatenated.
+
+    A layer ``[n, k]`` is zero-padded to whole blocks (``nbr = ceil(n/BM)`` block rows); its kept blocks
+    follow the previous layer's in ``values``/``col_idx``, and its ``row_ptr`` (``nbr + 1`` entries,
+    already offset by the blocks before it) follows the previous layer's at ``row_ptr_offsets[l]``.
+    Per-output vectors of the whole field are packed at ``vector_offsets[l]`` (``nbr * BM`` apart).
+    """
+
+    block: tuple[int, int]
+    shapes: tuple[tuple[int, int], ...]
+    block_rows: tuple[int, ...]
+    row_ptr_offsets: tuple[int, ...]
+    vector_offsets: tuple[int, ...]
+    nnzb: tuple[int, ...]
+    row_ptr: torch.Tensor  # int32
+    col_idx: torch.Tensor  # int32, at least one entry (a kernel needs a valid pointer)
+    values: torch.Tensor   # [max(nnz, 1), BM, BK]
+    vector_len: int
+    max_width: int         # the widest padded layer side (the fused kernel's scratch row)
+
+
+def stack_field(weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None] | None, block) -> FieldLayout:
+    """Pack dense ``[n_l, k_l]`` weights (zeros outside kept blocks) into a :class:`FieldLayout`.
+
+    ``masks[l]`` (optional) marks the kept entries; without it every block holding a nonzero is kept.
+    Blocks are kept whole (a kept entry keeps its block; zeros inside it are stored).
+    """
+    bm, bk = as_block(block)
+    if not weights:
+        raise ValueError("need at least one layer")
+    dev = weights[0].device
+    rp, cols, vals = [], [], []
+    shapes, nbrs, rp_offs, vec_offs, nnzbs = [], [], [], [], []
+    nnz = rp_off = vec_off = hmax = 0
+    for i, w in enumerate(weights):
+        n, k = (int(s) for s in w.shape)
+        nbr, nbc = -(-n // bm), -(-k // bk)
+        hmax = max(hmax, nbr * bm, nbc * bk)
+        wp = _pad_to(w.detach(), nbr * bm, nbc * bk)
+        m = None if masks is None else masks[i]
+        keep = wp if m is None else _pad_to(m.to(wp.dtype), nbr * bm, nbc * bk)
+        sw = BlockSparseWeight.from_dense(wp, block_grid(keep, (bm, bk)), (bm, bk))
+        vals.append(sw.values)
+        rp.append(sw.row_ptr + nnz)
+        cols.append(sw.col_idx)
+        shapes.append((n, k))
+        nbrs.append(nbr)
+        rp_offs.append(rp_off)
+        vec_offs.append(vec_off)
+        nnzbs.append(sw.nnzb)
+        nnz += sw.nnzb
+        rp_off += nbr + 1
+        vec_off += nbr * bm
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return FieldLayout(
+        (bm, bk), tuple(shapes), tuple(nbrs), tuple(rp_offs), tuple(vec_offs), tuple(nnzbs),
+        i32(torch.cat(rp)), i32(torch.cat(cols)) if nnz else torch.zeros(1, dtype=torch.int32, device=dev),
+        torch.cat(vals).contiguous() if nnz else weights[0].new_zeros(1, bm, bk), vec_off, hmax)
+
+
+def _pad_to(w: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if tuple(w.shape) == (rows, cols):
+        return w
+    out = w.new_zeros(rows, cols)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out

@@ -1,30 +1,36 @@
-"""Launcher for the fused CUDA MLP (``csrc/cuda/fused_mlp.cu``): a whole block-sparse concatsquash field,
-value and tangents, in one kernel launch per evaluation.
+"""The ``"cuda"`` backend: the fused CUDA MLP (``csrc/cuda/fused_mlp.cu``), a whole block-sparse
+concatsquash field, value and tangents, in one kernel launch per evaluation. It offers a fused field
+only (no per-layer ops; those run on "triton" on a GPU), at priority 30, so ``"auto"`` prefers it to
+the Triton fused field where both can run.
 
 Per layer ``y = act(scale ⊙ (x Wᵀ) + shift)`` and ``y_v = act'(pre) ⊙ scale ⊙ (x_v Wᵀ)`` for every
 tangent ``v``, with ``W`` block-sparse (BSR: ``values [nnzb, bm, bk]``, ``row_ptr [n/bm + 1]``,
-``col_idx [nnzb]``, int32) and, for concatsquash layers, ``scale = sigmoid(gate_w t + gate_b)``,
+``col_idx [nnzb]``, int32: ``BlockSparseWeight.int32()``) and, for concatsquash layers, ``scale = sigmoid(gate_w t + gate_b)``,
 ``shift = bias ⊙ scale + shift_w t`` computed in the kernel from ``t`` (a float, or a CUDA scalar tensor:
 no host synchronisation). Widths up to 512, float32, inference only (no autograd: training uses the
 per-layer ops).
 
-    layers = field_layers(sparse_odenet)                  # or [FusedLayer(...), ...]
+    layers = field_layers(sparse_odenet, device)          # or [FusedLayer(...), ...]
     f, jv = fused_mlp(z, layers, v, t=t)                  # z [B, D], v [T, B, D]
-    f, jv = fused_field(sparse_odenet, t, z, v)           # the same, layers cached per network
+    SparseODEnet.from_odenet(net, fused="cuda")           # the same inside a field (packing cached there)
 
 Everything here raises a clear error when ``jsp_fast._C`` was built without CUDA
 (``jsp_fast._C.build_info()["cuda"]`` is False): rebuild with ``JSP_FAST_CUDA=ON``.
 """
 from __future__ import annotations
 
-import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .._ext import IMPORT_ERROR, _C
+from ... import _act
+from ..._ext import IMPORT_ERROR, _C
+from ..plan import BlockSparseWeight, as_block, block_grid, infer_block
+from ..registry import FieldShape, LayerSpec, layer_specs, register_backend
 
-ACT_CODES = {"none": 0, "tanh": 1, "softplus": 2, "elu": 3, "relu": 4, "sigmoid": 5}
+__all__ = ["MAX_WIDTH", "MAX_LAYERS", "built_with_cuda", "available", "require_cuda_build", "FusedLayer",
+           "field_layers", "fused_mlp", "CudaField"]
+
 MAX_WIDTH = 512
 MAX_LAYERS = 16
 _BLOCK_CHOICES = (32, 16, 8, 4)
@@ -60,12 +66,10 @@ def require_cuda_build():
 
 # ---- layers --------------------------------------------------------------------------------------
 def _act_code(act) -> int:
-    if isinstance(act, str):
-        if act.lower() not in ACT_CODES:
-            raise ValueError(f"unknown activation {act!r}; expected one of {tuple(ACT_CODES)}")
-        return ACT_CODES[act.lower()]
-    if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act < len(ACT_CODES):
-        raise ValueError(f"activation code must be an int in [0, {len(ACT_CODES) - 1}] or a name, got {act!r}")
+    if act is None or isinstance(act, str):
+        return _act.code(act)
+    if isinstance(act, bool) or not isinstance(act, int) or not 0 <= act < len(_act.ACTIVATIONS):
+        raise ValueError(f"activation code must be an int in [0, {len(_act.ACTIVATIONS) - 1}] or a name, got {act!r}")
     return int(act)
 
 
@@ -151,65 +155,48 @@ class FusedLayer:
                           self.act, check_indices=False, **{name: mv(getattr(self, name)) for name in _VECTORS})
 
     @classmethod
+    def from_plan(cls, weight: BlockSparseWeight, act="none", **vectors) -> "FusedLayer":
+        """The int32 view of a block-sparse plan (``BlockSparseWeight``) with its epilogue vectors."""
+        t = weight.int32()
+        return cls(weight.values, t.row_ptr, t.col_idx, weight.shape, act, check_indices=False, **vectors)
+
+    @classmethod
     def from_blocks(cls, values, block_rows, block_cols, shape, act="none", **vectors) -> "FusedLayer":
         """From kept blocks in grid coordinates (any order): sorted into BSR row order."""
-        n, k = (int(s) for s in shape)
-        bm = values.shape[1]
-        rows, cols = block_rows.to(torch.int64), block_cols.to(torch.int64)
-        order = torch.argsort(rows * (k // values.shape[2] + 1) + cols)
-        counts = torch.bincount(rows, minlength=n // bm)
-        row_ptr = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-        return cls(values[order], row_ptr, cols[order].to(torch.int32), (n, k), act, **vectors)
+        return cls.from_plan(BlockSparseWeight.from_blocks(values.detach(), block_rows, block_cols, shape), act,
+                             **vectors)
 
     @classmethod
     def from_dense(cls, weight, mask=None, block=None, act="none", **vectors) -> "FusedLayer":
-        """From a dense ``[n, k]`` weight; with ``mask``, only blocks with a kept weight are stored."""
+        """From a dense ``[n, k]`` weight; with ``mask``, only blocks with a kept weight are stored (and
+        masked entries inside them are zero); without, every block is stored."""
         n, k = weight.shape
-        bm, bk = block if block is not None else (_pick_block(n), _pick_block(k))
-        if n % bm or k % bk:
-            raise ValueError(f"block {bm}x{bk} does not tile the {n}x{k} weight")
+        block = (_pick_block(n), _pick_block(k)) if block is None else as_block(block)
         w = weight.detach().to(torch.float32)
-        grid_w = w.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
         if mask is None:
-            keep = torch.ones(n // bm, k // bk, dtype=torch.bool, device=w.device)
+            grid = torch.ones(n // block[0], k // block[1], dtype=torch.bool, device=w.device)
         else:
-            m = mask.to(device=w.device, dtype=torch.bool)
-            grid_w = grid_w * m.reshape(n // bm, bm, k // bk, bk).permute(0, 2, 1, 3)
-            keep = m.reshape(n // bm, bm, k // bk, bk).any(dim=3).any(dim=1)
-        rows, cols = keep.nonzero(as_tuple=True)
-        return cls.from_blocks(grid_w[rows, cols].contiguous(), rows, cols, (n, k), act, **vectors)
-
-
-def _concatsquash_vectors(layer) -> dict:
-    """gate_w, gate_b, shift_w, bias of a concatsquash layer (ConcatSquashLinear or a SparseODEnet layer)."""
-    inner = getattr(layer, "layer", layer)  # DenseConcatSquash wraps a ConcatSquashLinear
-    bias = inner.linear.bias if hasattr(inner, "linear") else getattr(inner, "bias", None)
-    return {"gate_w": inner.hyper_gate.weight.reshape(-1), "gate_b": inner.hyper_gate.bias,
-            "shift_w": inner.hyper_bias.weight.reshape(-1), "bias": bias}
+            mask = mask.to(device=w.device, dtype=torch.bool)
+            w, grid = w * mask, block_grid(mask, block)
+        return cls.from_plan(BlockSparseWeight.from_dense(w, grid, block), act, **vectors)
 
 
 def field_layers(net, device=None) -> list[FusedLayer]:
     """The FusedLayers of a concatsquash field: a ``SparseODEnet`` (block-sparse layers keep their
     blocks, dense ones become all-kept BSR) or a masked dense ``ODEnet``."""
-    layers = list(net.layers)
-    act = getattr(net, "activation", "tanh")
-    out = []
-    for i, layer in enumerate(layers):
-        a = act if i < len(layers) - 1 else "none"
-        vecs = _concatsquash_vectors(layer)
-        with torch.no_grad():
-            if hasattr(layer, "values") and hasattr(layer, "block_rows"):
-                fl = FusedLayer.from_blocks(layer.values, layer.block_rows, layer.block_cols,
-                                            (layer.out_features, layer.in_features), a, **vecs)
-            else:
-                inner = getattr(layer, "layer", layer)
-                mask = inner.mask
-                block = None
-                if mask is not None and not bool(mask.all()):
-                    from ._field import infer_block  # noqa: PLC0415
+    return _layers_from_specs(layer_specs(net), getattr(net, "activation", "tanh"), device)
 
-                    block = infer_block(mask)
-                fl = FusedLayer.from_dense(inner.effective_weight(), mask, block, a, **vecs)
+
+def _layers_from_specs(specs: Sequence[LayerSpec], activation: str, device=None) -> list[FusedLayer]:
+    out = []
+    last = len(specs) - 1
+    for i, s in enumerate(specs):
+        block = s.block
+        if block is None and s.mask is not None and not bool(s.mask.all()):
+            block = infer_block(s.mask)
+        vecs = {"gate_w": s.gate_w.reshape(-1), "gate_b": s.gate_b, "shift_w": s.shift_w.reshape(-1), "bias": s.bias}
+        with torch.no_grad():
+            fl = FusedLayer.from_dense(s.weight, s.mask, block, activation if i < last else "none", **vecs)
         out.append(fl if device is None else fl.to(device))
     return out
 
@@ -243,13 +230,11 @@ def fused_mlp(x: torch.Tensor, layers: Sequence[FusedLayer], x_dot: torch.Tensor
     B, k0 = x.shape
     if k0 != layers[0].shape[1]:
         raise ValueError(f"x has {k0} features, the first layer takes {layers[0].shape[1]}")
-    ntan = 0
     if x_dot is not None:
         if not isinstance(x_dot, torch.Tensor) or x_dot.device != x.device or x_dot.dtype != torch.float32:
             raise ValueError("x_dot must be a float32 tensor on x's device")
         if x_dot.dim() != 3 or tuple(x_dot.shape[1:]) != (B, k0):
             raise ValueError(f"x_dot must have shape [T, {B}, {k0}], got {tuple(x_dot.shape)}")
-        ntan = x_dot.shape[0]
     grads = [x, x_dot] + [getattr(L, n) for L in layers for n in ("values",) + _VECTORS]
     if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
         raise RuntimeError("the fused CUDA MLP is inference only (no autograd): call it under torch.no_grad() "
@@ -314,18 +299,24 @@ def _(x, x_dot, t, tensors, meta):
     return x.new_empty(x.shape[0], n_out), x.new_empty(ntan, x.shape[0], n_out)
 
 
-_FIELD_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class CudaField:
+    """The fused field of the "cuda" backend: float32 CUDA tensors, widths <= 512, <= 16 layers."""
+
+    def check(self, field: FieldShape, dtype, device) -> str | None:
+        if field.num_layers > MAX_LAYERS:
+            return f"the field has {field.num_layers} layers (the fused CUDA MLP takes up to {MAX_LAYERS})"
+        if field.max_width > MAX_WIDTH:
+            return f"a layer is {field.max_width} wide (the fused CUDA MLP takes widths <= {MAX_WIDTH})"
+        return None
+
+    def pack(self, layers: list[LayerSpec], activation: str, dtype, device):
+        return _layers_from_specs(layers, activation, device)
+
+    def run(self, layers, t, z, v):
+        tt = torch.as_tensor(t, dtype=z.dtype, device=z.device).detach()
+        with torch.no_grad():
+            return fused_mlp(z.detach(), layers, None if v is None else v.detach(), t=tt)
 
 
-def fused_field(net, t, z: torch.Tensor, v: torch.Tensor | None = None):
-    """``(f, Jv)`` of a concatsquash field in one launch (``Jv`` None without ``v``); the network's
-    FusedLayers are rebuilt only when a parameter or buffer changes."""
-    from ._field import state_key  # noqa: PLC0415  (_field imports this module lazily too)
-
-    key = state_key(net, z.device)
-    hit = _FIELD_CACHE.get(net)
-    if hit is None or hit[0] != key:
-        hit = (key, field_layers(net, z.device))
-        _FIELD_CACHE[net] = hit
-    with torch.no_grad():
-        return fused_mlp(z, hit[1], v, t)
+register_backend("cuda", None, devices=("cuda",), priority=30, dtypes=(torch.float32,), available=available,
+                 fused=CudaField())

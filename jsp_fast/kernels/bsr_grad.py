@@ -1,13 +1,10 @@
 """Block-sparse backward primitives (Triton): transposed product ``g W`` and kept-block ``g^T x``.
 
-Transposed (block-column) table, built once with the plan (``lut.py``): ``col_ptr [K/bk + 1]`` (int32,
-CSC over block columns), ``t_row [nnzb]`` (block row of each block, in column order) and
-``t_perm [nnzb]`` (its index into ``values``).
+Transposed (block-column) table, built once with the plan (``jsp_fast.sparse.plan``):
+``col_ptr [K/bk + 1]`` (CSC over block columns), ``t_row [nnzb]`` (block row of each block, in column
+order) and ``t_perm [nnzb]`` (its index into ``values``); int32 or int64.
 
-Three parts: private kernels, launchers over plain tensors, and three autograd Functions —
-``x W^T`` (product), ``g W`` (transposed product) and ``g^T x`` on kept blocks — whose backwards are
-written with each other, so the set is closed under differentiation (double backward for CNF
-training through the trace).
+Two parts: private kernels and launchers over plain tensors (autograd is in ``jsp_fast/sparse/_ops.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +14,8 @@ import triton.language as tl
 
 from ._common import (INTERPRET, _tile_dot_nn, acc_dtype, check_device, check_dtype, configs, dot_precision,
                       next_pow2, num_sms, torch_acc_dtype, use_dot)
+
+__all__ = ["bsr_t_matmul", "bsr_weight_grad"]
 
 
 # ---- kernels -------------------------------------------------------------------------------------
@@ -156,81 +155,3 @@ def bsr_weight_grad(g, x, row_idx, col_idx, block, tf32: bool | None = None, out
         bm=bm, bk=bk, BM=next_pow2(bm), BK=next_pow2(bk), USE_DOT=use_dot(bm, bk),
         PRECISION=dot_precision(g.dtype, tf32), ACC=acc_dtype(g.dtype))
     return (part[0] if S == 1 else part.sum(0)).to(out_dtype)
-
-
-def rows_of_blocks(t_row, t_perm):
-    """Block row of every block in ``values`` order, from the transposed table."""
-    row_idx = torch.empty_like(t_row)
-    row_idx[t_perm.long()] = t_row
-    return row_idx
-
-
-# ---- autograd ------------------------------------------------------------------------------------
-# luts = (row_ptr, col_idx, col_ptr, t_row, t_perm, shape)
-class _Product(torch.autograd.Function):
-    """x W^T; d/dx = h W (transposed product), d/dvalues = h^T x on kept blocks."""
-
-    @staticmethod
-    def forward(ctx, x, values, *luts):
-        from .bsr_linear import bsr_linear_fwd  # noqa: PLC0415
-
-        ctx.luts = luts
-        ctx.save_for_backward(x, values)
-        return bsr_linear_fwd(x, values, luts[0], luts[1], luts[5])
-
-    @staticmethod
-    def backward(ctx, h):
-        x, values = ctx.saved_tensors
-        gx = bsr_t_matmul_fn(h, values, *ctx.luts) if ctx.needs_input_grad[0] else None
-        gv = bsr_weight_grad_fn(h, x, values.shape, *ctx.luts) if ctx.needs_input_grad[1] else None
-        return (gx, gv) + (None,) * len(ctx.luts)
-
-
-class _TMatmul(torch.autograd.Function):
-    """g W; d/dg = h W^T (product), d/dvalues = g^T h on kept blocks."""
-
-    @staticmethod
-    def forward(ctx, g, values, *luts):
-        ctx.luts = luts
-        ctx.save_for_backward(g, values)
-        return bsr_t_matmul(g, values, luts[2], luts[3], luts[4], luts[5])
-
-    @staticmethod
-    def backward(ctx, h):
-        g, values = ctx.saved_tensors
-        gg = bsr_product(h, values, *ctx.luts) if ctx.needs_input_grad[0] else None
-        gv = bsr_weight_grad_fn(g, h, values.shape, *ctx.luts) if ctx.needs_input_grad[1] else None
-        return (gg, gv) + (None,) * len(ctx.luts)
-
-
-class _WeightGrad(torch.autograd.Function):
-    """G[p] = g[:, rows(p)]^T x[:, cols(p)]; with upstream H: d/dg = x H^T, d/dx = g H."""
-
-    @staticmethod
-    def forward(ctx, g, x, vshape, *luts):
-        ctx.luts = luts
-        ctx.save_for_backward(g, x)
-        row_idx = rows_of_blocks(luts[3], luts[4])
-        return bsr_weight_grad(g, x, row_idx, luts[1], (vshape[1], vshape[2]))
-
-    @staticmethod
-    def backward(ctx, H):
-        g, x = ctx.saved_tensors
-        gg = bsr_product(x, H, *ctx.luts) if ctx.needs_input_grad[0] else None
-        gx = bsr_t_matmul_fn(g, H, *ctx.luts) if ctx.needs_input_grad[1] else None
-        return (gg, gx, None) + (None,) * len(ctx.luts)
-
-
-def bsr_product(x, values, row_ptr, col_idx, col_ptr, t_row, t_perm, shape):
-    """Differentiable ``x W^T`` (no epilogue)."""
-    return _Product.apply(x, values, row_ptr, col_idx, col_ptr, t_row, t_perm, tuple(shape))
-
-
-def bsr_t_matmul_fn(g, values, row_ptr, col_idx, col_ptr, t_row, t_perm, shape):
-    """Differentiable ``g W``."""
-    return _TMatmul.apply(g, values, row_ptr, col_idx, col_ptr, t_row, t_perm, tuple(shape))
-
-
-def bsr_weight_grad_fn(g, x, vshape, row_ptr, col_idx, col_ptr, t_row, t_perm, shape):
-    """Differentiable kept-block ``g^T x`` (``[nnzb, bm, bk]``)."""
-    return _WeightGrad.apply(g, x, tuple(vshape), row_ptr, col_idx, col_ptr, t_row, t_perm, tuple(shape))
