@@ -19,7 +19,7 @@ import torch
 from jsp_fast._timing import median_time, round_robin, synchronizer
 from jsp_fast.cnf import ODEnet
 
-from gpu_config import FieldConfig
+from gpu_config import FieldConfig, Record
 
 
 def require_device(smoke: bool) -> torch.device:
@@ -110,3 +110,16 @@ def time_providers(fns: dict[str, Callable], repeats: int, device: torch.device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return {name: out[name] for name in fns}
+
+
+def to_records(bench: str, conf: dict, timed: dict, extra: dict | None = None, label: str = "") -> list[Record]:
+    """Records of ``time_providers``' results (a provider's error goes into its ``extra``), printed as
+    they come; ``extra``: more fields per provider name (e.g. its error against dense)."""
+    records = []
+    for name, (ms, err) in timed.items():
+        more = dict((extra or {}).get(name, {}))
+        if err is not None:
+            more["error"] = err
+        records.append(Record(bench, name, conf, ms, more))
+        print(f"  {bench:9s} {label} {name:16s} {ms:9.4f} ms", flush=True)
+    return records

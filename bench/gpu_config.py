@@ -118,6 +118,12 @@ def field_configs(args) -> list[FieldConfig]:
             for w, b in itertools.product(args.field_widths, args.field_batches) if w <= 512 and w % args.block == 0]
 
 
+def solve_configs(args) -> list[FieldConfig]:
+    """One config per field width at the largest field batch (the solve and end-to-end stages)."""
+    return [FieldConfig(args.field_dim, w, args.field_depth, max(args.field_batches), args.field_sparsity, args.block)
+            for w in sorted({c.width for c in field_configs(args)})]
+
+
 def check_targets(records) -> dict:
     """The GPU goals, from the layer and field records (None where the run has no data)."""
     by = {}

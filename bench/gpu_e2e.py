@@ -9,16 +9,14 @@ import torch
 
 import jsp_fast as jf
 
-from gpu_common import make_field, max_abs_err, time_providers
-from gpu_config import FieldConfig, Record, field_configs
+from gpu_common import make_field, max_abs_err, time_providers, to_records
+from gpu_config import Record, solve_configs
 
 
 def bench_e2e(args, device) -> list[Record]:
     records = []
     gen = torch.Generator().manual_seed(args.seed + 3)
-    for width in sorted({c.width for c in field_configs(args)}):
-        cfg = FieldConfig(args.field_dim, width, args.field_depth, max(args.field_batches), args.field_sparsity,
-                          args.block)
+    for cfg in solve_configs(args):
         net = make_field(cfg, args.activation, device, gen)
         model = jf.CNF(dim=cfg.dim, trace="hutchinson", rtol=1e-5, atol=1e-5, net=net).to(device)
         model.eval()
@@ -35,9 +33,7 @@ def bench_e2e(args, device) -> list[Record]:
             timed = time_providers({"dense_log_prob": lambda: log_prob(model), "ours_log_prob": lambda: log_prob(fast),
                                     "dense_sample": lambda: model.sample(cfg.batch, seed=0),
                                     "ours_sample": lambda: fast.sample(cfg.batch, seed=0)}, args.repeats, device)
-        conf = dict(asdict(cfg), engine=engine)
-        for name, (ms, e) in timed.items():
-            extra = dict(max_abs_logp_err=err) if e is None else dict(max_abs_logp_err=err, error=e)
-            records.append(Record("e2e", name, conf, ms, extra))
-            print(f"  e2e W={width:4d} B={cfg.batch:6d} {name:16s} {ms:9.3f} ms  (engine {engine})", flush=True)
+        records += to_records("e2e", dict(asdict(cfg), engine=engine), timed,
+                              {name: {"max_abs_logp_err": err} for name in timed},
+                              label=f"W={cfg.width:4d} B={cfg.batch:6d} engine {engine}")
     return records

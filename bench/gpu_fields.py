@@ -16,8 +16,8 @@ import torch
 from jsp_fast import _ext
 from jsp_fast.sparse import SparseODEnet
 
-from gpu_common import make_field, max_abs_err, time_providers, with_tf32
-from gpu_config import FieldConfig, Record, field_configs
+from gpu_common import make_field, max_abs_err, time_providers, to_records, with_tf32
+from gpu_config import Record, field_configs, solve_configs
 
 
 def fused(net, engine: str, z: torch.Tensor, v: torch.Tensor) -> SparseODEnet:
@@ -65,13 +65,9 @@ def bench_fields(args, device) -> list[Record]:
             errs = {name: max_abs_err(fn(), ref) for name, fn in provs.items() if name.startswith("ours")}
             timed = time_providers(provs, args.repeats, device)
         for name, err in errors.items():
-            records.append(Record("field", name, conf, float("nan"), dict(error=err)))
-        for name, (ms, err) in timed.items():
-            extra = {"max_abs_err_vs_dense": errs[name]} if name in errs else {}
-            if err is not None:
-                extra["error"] = err
-            records.append(Record("field", name, conf, ms, extra))
-            print(f"  field W={cfg.width:4d} B={cfg.batch:6d} {name:16s} {ms:9.4f} ms", flush=True)
+            records.append(Record("field", name, conf, float("nan"), {"error": err}))
+        records += to_records("field", conf, timed, {k: {"max_abs_err_vs_dense": e} for k, e in errs.items()},
+                              label=f"W={cfg.width:4d} B={cfg.batch:6d}")
     return records
 
 
@@ -112,9 +108,7 @@ def _graph(solve, z0, lp0):
 def bench_solves(args, device) -> list[Record]:
     records = []
     gen = torch.Generator().manual_seed(args.seed + 2)
-    for width in sorted({c.width for c in field_configs(args)}):
-        cfg = FieldConfig(args.field_dim, width, args.field_depth, max(args.field_batches), args.field_sparsity,
-                          args.block)
+    for cfg in solve_configs(args):
         net = make_field(cfg, args.activation, device, gen)
         z0 = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device)
         eps = torch.randn(cfg.batch, cfg.dim, generator=gen).to(device)
@@ -143,10 +137,6 @@ def bench_solves(args, device) -> list[Record]:
                 errs["ours_cuda_graph"] = max_abs_err(out, ref)
                 runs["ours_cuda_graph"] = replay
             timed = time_providers(runs, args.repeats, device)
-        for name, (ms, err) in timed.items():
-            extra = {"max_abs_err_vs_dense": errs[name]} if name in errs else {}
-            if err is not None:
-                extra["error"] = err
-            records.append(Record("solve", name, conf, ms, extra))
-            print(f"  solve W={width:4d} B={cfg.batch:6d} {name:16s} {ms:9.3f} ms", flush=True)
+        records += to_records("solve", conf, timed, {k: {"max_abs_err_vs_dense": e} for k, e in errs.items()},
+                              label=f"W={cfg.width:4d} B={cfg.batch:6d}")
     return records

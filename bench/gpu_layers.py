@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import jsp_fast as jf
 from jsp_fast import _act
 
-from gpu_common import random_grid, time_providers, with_tf32
+from gpu_common import random_grid, time_providers, to_records, with_tf32
 from gpu_config import Record, layer_configs
 
 
@@ -85,7 +85,5 @@ def bench_layers(args, device) -> list[Record]:
         with torch.no_grad():
             for bench in ("layer_fwd", "layer_jvp"):
                 timed = time_providers({p: f for (bn, p), f in fns.items() if bn == bench}, args.repeats, device)
-                for prov, (ms, err) in timed.items():
-                    records.append(Record(bench, prov, conf, ms, {} if err is None else dict(error=err)))
-                    print(f"  {bench} H={H:5d} B={B:6d} d={cfg.density:4.2f} {prov:15s} {ms:9.4f} ms", flush=True)
+                records += to_records(bench, conf, timed, label=f"H={H:5d} B={B:6d} d={cfg.density:4.2f}")
     return records

@@ -15,10 +15,7 @@ namespace py = pybind11;
 namespace jsp_fast {
 namespace {
 
-using bind::checked;
-using bind::data;
-using bind::fail;
-using bind::mutable_data;
+using namespace bind;  // the argument checks
 using cpu::field::FieldPlan;
 
 template <typename T>
@@ -38,19 +35,19 @@ void bind_plan(py::module_& m, const char* name) {
           "add_layer",
           [](Plan& self, py::handle w, py::handle mask, py::handle gate_w, py::handle gate_b,
              py::handle shift_w, py::handle bias, int act) {
-            const Act a = bind::to_act(act);
+            const Act a = to_act(act);
             auto wa = checked<T>(w, {-1, -1}, "w");
             const int64_t n = wa.shape(0), k = wa.shape(1);
-            if (n <= 0 || k <= 0) fail("w must be non-empty, got shape " + bind::shape_str(wa));
+            if (n <= 0 || k <= 0) fail("w must be non-empty, got shape " + shape_str(wa));
             if (self.num_layers() > 0 && self.dim_out() != k)
               fail("w has " + std::to_string(k) + " inputs but the previous layer has " +
                    std::to_string(self.dim_out()) + " outputs");
-            const uint8_t* mp = bind::optional_data<uint8_t>(mask, {n, k}, "mask");
+            const uint8_t* mp = optional_data<uint8_t>(mask, {n, k}, "mask");
             // gate_w, gate_b and shift_w are required (a concatsquash layer); bias is optional.
             const T* gw = data<T>(checked<T>(gate_w, {n}, "gate_w"));
             const T* gb = data<T>(checked<T>(gate_b, {n}, "gate_b"));
             const T* sw = data<T>(checked<T>(shift_w, {n}, "shift_w"));
-            self.add_layer(n, k, a, data<T>(wa), mp, gw, gb, sw, bind::optional_data<T>(bias, {n}, "bias"));
+            self.add_layer(n, k, a, data<T>(wa), mp, gw, gb, sw, optional_data<T>(bias, {n}, "bias"));
           },
           py::arg("w"), py::arg("mask"), py::arg("gate_w"), py::arg("gate_b"), py::arg("shift_w"),
           py::arg("bias"), py::arg("act"))

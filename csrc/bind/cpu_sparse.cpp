@@ -18,11 +18,7 @@ namespace py = pybind11;
 namespace jsp_fast {
 namespace {
 
-using bind::checked;
-using bind::data;
-using bind::fail;
-using bind::mutable_data;
-using bind::shape_str;
+using namespace bind;  // the argument checks
 using cpu::bsr::Layout;
 
 const int64_t* idx(const py::handle& obj, int64_t len, const char* what) {
@@ -106,7 +102,7 @@ void by_dtype(const py::array& values, F&& f) {
 // [nnzb, bm, bk] array of T. Then op(T{}, layout, values' data) checks its own arguments and runs.
 template <typename Op>
 void with_plan(JSP_PLAN_ARGS, Op&& op) {
-  auto va = bind::as_array(values, "values");
+  auto va = as_array(values, "values");
   by_dtype(va, [&](auto tag) {
     using T = decltype(tag);
     const Plan p = make_plan(va, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, n, k);
@@ -121,9 +117,9 @@ void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int 
     auto xa = checked<T>(x, {-1, k}, "x");
     const int64_t B = xa.shape(0);
     auto ya = checked<T>(y, {B, n}, "y", true);
-    const T* sp = bind::optional_data<T>(scale, {n}, "scale");
-    const T* bp = bind::optional_data<T>(bias, {n}, "bias");
-    const Act a = bind::to_act(act);
+    const T* sp = optional_data<T>(scale, {n}, "scale");
+    const T* bp = optional_data<T>(bias, {n}, "bias");
+    const Act a = to_act(act);
     py::gil_scoped_release release;
     cpu::bsr::fwd<T>(lay, vp, data<T>(xa), B, sp, bp, a, mutable_data<T>(ya), num_threads);
   });
@@ -139,9 +135,9 @@ void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py:
     const int64_t ntan = xda.shape(0);
     auto ya = checked<T>(y, {B, n}, "y", true);
     auto yda = checked<T>(y_dot, {ntan, B, n}, "y_dot", true);
-    const T* sp = bind::optional_data<T>(scale, {n}, "scale");
-    const T* bp = bind::optional_data<T>(bias, {n}, "bias");
-    const Act a = bind::to_act(act);
+    const T* sp = optional_data<T>(scale, {n}, "scale");
+    const T* bp = optional_data<T>(bias, {n}, "bias");
+    const Act a = to_act(act);
     py::gil_scoped_release release;
     cpu::bsr::jvp<T>(lay, vp, data<T>(xa), data<T>(xda), ntan, B, sp, bp, a, mutable_data<T>(ya),
                      mutable_data<T>(yda), num_threads);
