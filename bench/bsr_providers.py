@@ -16,7 +16,6 @@ Ops: ``fwd`` (``tanh(scale ⊙ (x Wᵀ) + bias)``), ``jvp`` (value and one tange
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -146,16 +145,3 @@ class Setup:
             return None
         return self._dense_like(provider)
 
-
-def time_round_robin(fns: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per callable, timing them in turn within each repeat (shared noise)."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}

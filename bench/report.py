@@ -3,8 +3,8 @@
     python bench/report.py [--repeats 9] [--batch 4096] [--width 1024] [--block 32] [--no-write]
 
 For each density (0.5, 0.25, 0.1, 0.05) and op (fwd, jvp, fwd_bwd) every provider of
-bench/bsr_providers.py is timed in turn within each repeat (so they share the machine's noise);
-medians are reported. Writes (replaces) the "Block-sparse layer (CPU)" section of bench/RESULTS.md
+bench/bsr_providers.py is timed in turn within each repeat (``jsp_fast._timing.round_robin``: they share
+the machine's noise); medians are reported. Writes (replaces) the "Block-sparse layer (CPU)" section of bench/RESULTS.md
 and leaves the rest of the file alone.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import datetime
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -23,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bsr_providers import OPS, PROVIDERS, Case, Setup, set_threads, time_round_robin  # noqa: E402
+from _args import float_list  # noqa: E402
+from _results import RESULTS, replace_section  # noqa: E402
+from bsr_providers import OPS, PROVIDERS, Case, Setup, set_threads  # noqa: E402
 
-import jsp_fast as jf  # noqa: E402
-from jsp_fast.app.bench import write_section  # noqa: E402
+from jsp_fast import _ext  # noqa: E402
+from jsp_fast._timing import round_robin  # noqa: E402
 
 SECTION = "## Block-sparse layer (CPU)"
 DENSITIES = (0.5, 0.25, 0.1, 0.05)
@@ -58,10 +61,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per callable, all timed round-robin within each repeat (one warm-up round)."""
+    return {name: statistics.median(ts) for name, ts in round_robin(fns, repeats).items()}
+
+
 def dense_gemm_rate(width: int, batch: int, repeats: int) -> float:
     x = torch.randn(batch, width)
     W = torch.randn(width, width)
-    t = time_round_robin({"gemm": lambda: F.linear(x, W)}, repeats)["gemm"]
+    t = medians({"gemm": lambda: F.linear(x, W)}, repeats)["gemm"]
     return 2.0 * batch * width * width / t / 1e9
 
 
@@ -71,13 +79,13 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--block", type=int, default=32)
-    p.add_argument("--densities", default=",".join(map(str, DENSITIES)))
-    p.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"))
+    p.add_argument("--densities", type=float_list, default=DENSITIES, help="comma list of block densities")
+    p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     threads = set_threads()
-    dens = [float(d) for d in args.densities.split(",")]
-    info = jf._C.build_info() if jf._C is not None else {}
+    dens = args.densities
+    info = _ext.require_C().build_info()  # `ours` is the cpu backend: no numbers without the core
     t_start = time.time()
     load_start = os.getloadavg()[0]
     gemm = dense_gemm_rate(args.width, args.batch, args.repeats)
@@ -87,14 +95,14 @@ def main(argv=None) -> int:
         for op in OPS:
             s = Setup(Case(op, args.width, args.batch, args.block, d))
             fns = {k: f for k in PROVIDERS if (f := s.fn(k)) is not None}
-            res[op] = time_round_robin(fns, args.repeats)
+            res[op] = medians(fns, args.repeats)
             print(f"d={s.density:.3f} {op}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res[op].items()),
                   flush=True)
         rows.append((s.density, d, res))
     # The density-independent part of `ours` fwd: a single kept block (x read in place, the epilogue
     # and the output stores, no product to speak of).
     s0 = Setup(Case("fwd", args.width, args.batch, args.block, 0.0))
-    fixed = time_round_robin({"ours": s0.fn("ours")}, args.repeats)["ours"]
+    fixed = medians({"ours": s0.fn("ours")}, args.repeats)["ours"]
     elapsed = time.time() - t_start
 
     B, N = args.batch, args.width
@@ -154,7 +162,7 @@ def main(argv=None) -> int:
     md = "\n".join(out) + "\n"
     print(md)
     if not args.no_write:
-        write_section(Path(args.results), md, heading=SECTION)
+        replace_section(md, SECTION, args.results)
         print(f"wrote {args.results}")
     return 0
 

@@ -1,5 +1,8 @@
 """bench/gpu.py on the CPU: argument parsing, config generation, target checks, the no-CUDA message,
-and one tiny --smoke pass through every benchmark under the Triton interpreter."""
+and one tiny --smoke pass through every benchmark under the Triton interpreter.
+
+The smoke pass forces the Triton fused field with ``SparseODEnet.from_odenet(net, fused="triton")``
+and fails when another engine runs instead."""
 from __future__ import annotations
 
 import importlib.util
@@ -47,6 +50,9 @@ def test_quick_and_overrides(gpu):
         gpu.parse_args(["--densities", "0"])
     with pytest.raises(SystemExit):
         gpu.parse_args(["--providers", "magic"])
+    with pytest.raises(SystemExit):
+        gpu.parse_args(["--widths", "64,x"])
+    assert gpu.parse_args(["--smoke"]).repeats == 1 and gpu.parse_args([]).repeats == 20
 
 
 def test_check_targets(gpu):
@@ -70,24 +76,48 @@ def test_check_targets(gpu):
 def test_no_cuda_message(gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
-        gpu.main(["--skip-tests"])
+        gpu.main([])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="--smoke needs the Triton interpreter (set by conftest without a GPU)")
 def test_smoke_run(gpu, tmp_path):
     out = tmp_path / "r.json"
-    gpu.main(["--smoke", "--skip-tests", "--no-jvp", "--steps", "1", "--providers", "ours_fp32,cublas_fp32",
-              "--out", str(out)])
+    rc = gpu.main(["--smoke", "--steps", "1", "--providers", "ours_fp32,cublas_fp32", "--out", str(out)])
     data = json.loads(out.read_text())
+    assert rc == 0 and data["errors"] == {}
     benches = {(r["bench"], r["provider"]) for r in data["records"]}
-    assert {("layer_fwd", "ours_fp32"), ("layer_fwd", "cublas_fp32"), ("field", "ours_fused"),
+    assert {("layer_fwd", "ours_fp32"), ("layer_fwd", "cublas_fp32"), ("layer_jvp", "ours_fp32"),
+            ("field", "dense_eager"), ("field", "ours_fused"), ("field", "ours_fused_tf32"),
             ("solve", "ours_eager"), ("solve", "dense_eager"), ("e2e", "ours_log_prob"),
             ("e2e", "dense_sample")} <= benches
     assert not [r for r in data["records"] if "error" in r["extra"]]
-    errs = [r["extra"]["max_abs_err_vs_dense"] for r in data["records"] if "max_abs_err_vs_dense" in r["extra"]]
-    assert errs and max(errs) < 1e-4
+    assert all(r["ms"] > 0 for r in data["records"])
+    # every fused provider was checked against dense on the same inputs (TF32 is exact fp32 on the CPU)
+    errs = {(r["bench"], r["provider"]): r["extra"]["max_abs_err_vs_dense"] for r in data["records"]
+            if "max_abs_err_vs_dense" in r["extra"]}
+    assert {("field", "ours_fused"), ("field", "ours_fused_tf32"), ("solve", "ours_eager")} <= set(errs)
+    assert max(errs.values()) < 1e-4
     # on the CPU "auto" takes the C++ field (the interpreter is never automatic); its log-densities agree
     e2e = [r for r in data["records"] if r["bench"] == "e2e"]
     assert {r["config"]["engine"] for r in e2e} == {"cpu"}
     assert max(r["extra"]["max_abs_logp_err"] for r in e2e) < 1e-3
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="the Triton fused field on the CPU needs the interpreter")
+def test_forced_engine_is_checked(gpu):
+    """The field benches ask SparseODEnet for one fused engine and refuse to time another one."""
+    import gpu_fields  # noqa: PLC0415  (bench/ is on sys.path once gpu.py is loaded)
+    from jsp_fast.cnf import ODEnet  # noqa: PLC0415
+
+    net = ODEnet(2, (32, 32), "tanh")
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        fast = gpu_fields.fused(net, "triton", z, z[None])
+        f, jv = fast.jvp(torch.tensor(0.3), z, z[None])
+        f_ref, jv_ref = net.jvp(torch.tensor(0.3), z, z[None])
+    torch.testing.assert_close(f, f_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(jv, jv_ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises((RuntimeError, ValueError)):
+        gpu_fields.fused(net, "cuda", z, z[None])  # no CUDA engine on the CPU: an error, not the cpu engine

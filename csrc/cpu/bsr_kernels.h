@@ -27,8 +27,6 @@ namespace jsp_fast {
 namespace cpu {
 namespace bsr {
 
-using simd::Act;
-
 // Rows of the register tile: enough accumulators to hide FMA latency without spilling
 // (AVX-512: 32 registers -> 12 x 2; AVX2: 16 registers -> 6 x 2, perf.md's calibrated shape).
 constexpr int kRows = simd::kVecBytes == 64 ? 12 : (simd::kVecBytes == 32 ? 6 : 4);

@@ -39,8 +39,6 @@ namespace jsp_fast {
 namespace cpu {
 namespace field {
 
-using simd::Act;
-
 template <typename T>
 struct Simd {
   using vec = typename simd::Vec<T>::type;

@@ -17,6 +17,9 @@
 #include <immintrin.h>
 #endif
 
+// Relative, so this directory compiles with any include path.
+#include "../common/act.h"
+
 namespace jsp_fast {
 namespace cpu {
 namespace simd {
@@ -29,8 +32,8 @@ constexpr int kVecBytes = 32;
 constexpr int kVecBytes = 16;
 #endif
 
-// Activation codes shared with the Python side (jsp_fast/sparse/_ops.py ACT_CODES) and csrc/cpu/field.h.
-enum class Act : int { None = 0, Tanh = 1, Softplus = 2, Elu = 3, Relu = 4, Sigmoid = 5 };
+// Activations are jsp_fast::Act (csrc/common/act.h, the project's one list of codes); their
+// vectorised math is below.
 
 template <typename T>
 struct Vec {

@@ -39,7 +39,7 @@ struct DeviceExec {
   __device__ __forceinline__ void sync() const { __syncthreads(); }
 };
 
-template <Act A, int kThreads>
+template <int A, int kThreads>
 __global__ void __launch_bounds__(kThreads)
     fused_mlp_kernel(const __grid_constant__ FusedMlpParams p, const __grid_constant__ TilePlan plan) {
   extern __shared__ float4 smem4[];
@@ -80,7 +80,7 @@ TilePlan plan_on(const FusedMlpParams& p, int dev) {
 }
 
 // The dynamic shared memory limit set per (kernel, device): cudaFuncSetAttribute once per size increase.
-template <Act A, int kThreads>
+template <int A, int kThreads>
 cudaError_t ensure_smem(int dev, int bytes) {
   static std::array<std::atomic<int>, kMaxDevices> set{};
   if (bytes <= 48 * 1024) return cudaSuccess;

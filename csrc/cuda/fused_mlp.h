@@ -12,7 +12,7 @@
 // layers, from the time t and the hyper-layer vectors, computed in the kernel:
 //   scale = sigmoid(gate_w * t + gate_b),  shift = bias ⊙ scale + shift_w * t.
 //
-// This header is plain C++17 (no CUDA, no torch): the pybind11 binding (csrc/bind_cuda.cpp), the
+// This header is plain C++17 (no CUDA, no torch): the pybind11 binding (csrc/bind/cuda.cpp), the
 // kernel (fused_mlp.cu) and the host-side check driver (host_check.cpp) all include it. Pointers are
 // device pointers for the launcher; the host driver passes host pointers to the same math.
 #pragma once
@@ -21,14 +21,19 @@
 #include <cstdint>
 #include <string>
 
+// Relative, so this directory compiles on its own (tests build host_check.cpp with -Icsrc/cuda only).
+#include "../common/act.h"
+
 namespace jsp_fast {
 namespace cuda {
 namespace fused {
 
-// Same codes as csrc/cpu/field.h and jsp_fast.sparse._field.ACT_CODES. Dynamic is internal: the kernel
-// instantiation used when hidden layers mix several activations (a switch per element).
-enum class Act : int { None = 0, Tanh = 1, Softplus = 2, Elu = 3, Relu = 4, Sigmoid = 5, Dynamic = 6 };
-constexpr int kNumActs = 6;
+// Activation codes: jsp_fast::Act (csrc/common/act.h). The kernel is instantiated per code, as an int
+// template parameter: kActDynamic, the first code past the shared ones, is internal to this kernel and
+// never crosses the binding (the instantiation used when hidden layers mix several activations, a
+// switch per element). An int, not an Act: nvcc's host stubs cannot spell an enum template argument
+// that is no enumerator.
+inline constexpr int kActDynamic = kNumActs;
 
 constexpr int kMaxLayers = 16;
 constexpr int kMaxWidth = 512;
@@ -134,16 +139,16 @@ inline TilePlan plan_tiles(int64_t batch, int ntan, int max_w, int threads, int 
 }
 
 // The activation the kernel is instantiated for: None when no layer has one, the one used when all
-// agree, Dynamic when hidden layers mix activations.
-inline Act kernel_act(const FusedMlpParams& p) {
+// agree, kActDynamic when hidden layers mix activations.
+inline int kernel_act(const FusedMlpParams& p) {
   int a = 0;
   for (int l = 0; l < p.num_layers; ++l) {
     const int al = p.layers[l].act;
     if (al == 0) continue;
     if (a == 0) a = al;
-    else if (a != al) return Act::Dynamic;
+    else if (a != al) return kActDynamic;
   }
-  return Act(a);
+  return a;
 }
 
 // Marks the layers that can use the vectorised path.
@@ -180,7 +185,8 @@ inline std::string validate(const FusedMlpParams& p) {
     const int64_t grid = int64_t(L.n / L.bm) * (L.k / L.bk);
     if (L.nnzb < 0 || L.nnzb > grid)
       return at + "nnzb must be in [0, " + to_string(grid) + "], got " + to_string(L.nnzb);
-    if (L.act < 0 || L.act >= kNumActs) return at + "act must be in [0, 5], got " + to_string(L.act);
+    if (L.act < 0 || L.act >= kNumActs)
+      return at + "act must be in [0, " + to_string(kNumActs - 1) + "], got " + to_string(L.act);
     if (!L.row_ptr) return at + "row_ptr is null";
     if (L.nnzb > 0 && (!L.values || !L.col_idx)) return at + "values and col_idx are required when nnzb > 0";
     if (L.scale && L.gate_w) return at + "give either scale or gate_w (concatsquash), not both";

@@ -61,20 +61,20 @@ JSP_HD float act_grad_from_out(int a, float y) {
   }
 }
 
-// A: the kernel's activation (compile time). Layers with act == none skip it; Dynamic switches on the
-// layer's code at run time.
-template <Act A>
+// A: the kernel's activation code (compile time). Layers with act == none skip it; kActDynamic
+// switches on the layer's code at run time.
+template <int A>
 JSP_HD float apply_act(int layer_act, float p) {
-  if constexpr (A == Act::Dynamic) return act_fwd(layer_act, p);
-  else if constexpr (A == Act::None) return p;
-  else return layer_act == 0 ? p : act_fwd(int(A), p);
+  if constexpr (A == kActDynamic) return act_fwd(layer_act, p);
+  else if constexpr (A == int(Act::None)) return p;
+  else return layer_act == 0 ? p : act_fwd(A, p);
 }
 
-template <Act A>
+template <int A>
 JSP_HD float apply_grad(int layer_act, float y) {
-  if constexpr (A == Act::Dynamic) return act_grad_from_out(layer_act, y);
-  else if constexpr (A == Act::None) return 1.f;
-  else return layer_act == 0 ? 1.f : act_grad_from_out(int(A), y);
+  if constexpr (A == kActDynamic) return act_grad_from_out(layer_act, y);
+  else if constexpr (A == int(Act::None)) return 1.f;
+  else return layer_act == 0 ? 1.f : act_grad_from_out(A, y);
 }
 
 // ---- per-output scale and shift --------------------------------------------------------------------
@@ -264,7 +264,7 @@ JSP_HD void phase_scale_shift(const FusedMlpParams& p, const Cta& c, int l, int 
 
 // One pass of layer l over the value rows (tangent == false) or the tangent rows. Work items are
 // (row group of RR rows) x (column group), row groups fastest so a warp shares weight columns.
-template <Act A, int RR, int RC>
+template <int A, int RR, int RC>
 JSP_HD void phase_layer(const FusedMlpParams& p, const Cta& c, int l, bool tangent, int tid, int nth) {
   const LayerParams& L = p.layers[l];
   const int row_begin = tangent ? c.tb : 0;
@@ -346,7 +346,7 @@ JSP_HD void phase_store(const FusedMlpParams& p, const Cta& c, int tid, int nth)
 
 // The whole CTA: Exec runs a phase for every thread (exec(f) calls f(tid, nth)) and exec.sync() is
 // the barrier. Device: one thread each + __syncthreads(); host: a loop over tid + nothing.
-template <Act A, class Exec>
+template <int A, class Exec>
 JSP_HD void cta_program(const FusedMlpParams& p, Cta& c, Exec& exec) {
   exec([&](int tid, int nth) { phase_load(p, c, tid, nth); });
   for (int l = 0; l < p.num_layers; ++l) {

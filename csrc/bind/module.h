@@ -1,13 +1,10 @@
 #pragma once
 #include <pybind11/pybind11.h>
 
-#ifndef JSP_FAST_VERSION
-#define JSP_FAST_VERSION "0.1.0"
-#endif
-
 namespace jsp_fast {
-// Each csrc/bind_<area>.cpp defines one of these. Areas that are not built (CUDA without a toolkit)
-// get a weak empty definition so the module always links.
+// One registration function per area, each defined in csrc/bind/<area>.cpp. An area that is not built
+// in this configuration (CUDA without a toolkit) is defined empty in csrc/bind/stubs.cpp, explicitly:
+// a missing area is a link error, never a silently smaller module.
 void bind_cpu_sparse(pybind11::module_& m);
 void bind_cpu_field(pybind11::module_& m);
 void bind_cuda(pybind11::module_& m);

@@ -1,16 +1,16 @@
 // pybind11 registration of the block-sparse CPU kernels (csrc/cpu/bsr_kernels.h).
 //
-// Arguments arrive as NumPy views of CPU tensors (torch.Tensor.numpy(): zero copy); outputs are
-// allocated by the caller. Everything a kernel trusts is checked here first: dtypes (one float type
-// per call, int64 tables), C-contiguity, shapes, and the look-up tables' contents (O(nnzb), so a
-// corrupt plan raises instead of reading out of bounds). The GIL is released around the kernels.
+// Outputs are allocated by the caller. Everything a kernel trusts is checked here first (with
+// bind/checks.h): dtypes (one float type per call, int64 tables), C-contiguity, shapes, and the look-up
+// tables' contents (O(nnzb), so a corrupt plan raises instead of reading out of bounds). The GIL is
+// released around the kernels.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <string>
-#include <vector>
 
-#include "bind.h"
+#include "bind/checks.h"
+#include "bind/module.h"
 #include "cpu/bsr_kernels.h"
 
 namespace py = pybind11;
@@ -18,42 +18,11 @@ namespace py = pybind11;
 namespace jsp_fast {
 namespace {
 
-using cpu::bsr::Act;
+using namespace bind;  // the argument checks
 using cpu::bsr::Layout;
 
-[[noreturn]] void fail(const std::string& msg) { throw py::value_error("jsp_fast._C: " + msg); }
-
-std::string shape_str(const py::array& a) {
-  std::string s = "[";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
-  return s + "]";
-}
-
-py::array as_array(const py::handle& obj, const char* what) {
-  if (!py::isinstance<py::array>(obj)) fail(std::string(what) + " must be a NumPy array (a CPU tensor's .numpy())");
-  return py::reinterpret_borrow<py::array>(obj);
-}
-
-// Checks dtype, contiguity, writeability and shape (-1 = any) and returns the array.
-template <typename T>
-py::array checked(const py::handle& obj, std::vector<int64_t> shape, const char* what, bool writeable = false) {
-  auto a = as_array(obj, what);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    fail(std::string(what) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-         std::string(py::str(py::dtype::of<T>())));
-  if (!(a.flags() & py::array::c_style)) fail(std::string(what) + " must be C-contiguous");
-  if (writeable && !a.writeable()) fail(std::string(what) + " must be writeable");
-  if (a.ndim() != py::ssize_t(shape.size()))
-    fail(std::string(what) + " must have " + std::to_string(shape.size()) + " dims, got shape " + shape_str(a));
-  for (size_t i = 0; i < shape.size(); ++i)
-    if (shape[i] >= 0 && a.shape(py::ssize_t(i)) != shape[i])
-      fail(std::string(what) + " has shape " + shape_str(a) + ": dim " + std::to_string(i) + " should be " +
-           std::to_string(shape[i]));
-  return a;
-}
-
 const int64_t* idx(const py::handle& obj, int64_t len, const char* what) {
-  return static_cast<const int64_t*>(checked<int64_t>(obj, {len}, what).data());
+  return data<int64_t>(checked<int64_t>(obj, {len}, what));
 }
 
 // Holds the index arrays alive (they are borrowed from the caller) and the validated Layout.
@@ -64,7 +33,7 @@ struct Plan {
 
 Plan make_plan(const py::array& values, py::handle row_ptr, py::handle col_idx, py::handle block_row,
                py::handle col_ptr, py::handle row_idx, py::handle perm, int64_t n, int64_t k) {
-  if (values.ndim() != 3) fail("values must be [nnzb, bm, bk], got shape " + shape_str(values));
+  if (values.ndim() != 3) fail("values has shape " + shape_str(values) + ", expected 3 dims [nnzb, bm, bk]");
   Plan p;
   Layout& L = p.lay;
   L.nnzb = values.shape(0);
@@ -72,10 +41,10 @@ Plan make_plan(const py::array& values, py::handle row_ptr, py::handle col_idx, 
   L.bk = values.shape(2);
   L.n = n;
   L.k = k;
-  if (L.bm <= 0 || L.bk <= 0) fail("block dims must be positive");
+  if (L.bm <= 0 || L.bk <= 0) fail("values has shape " + shape_str(values) + ", expected positive block dims");
   if (n <= 0 || k <= 0 || n % L.bm || k % L.bk)
-    fail("weight shape [" + std::to_string(n) + ", " + std::to_string(k) + "] is not a multiple of the block [" +
-         std::to_string(L.bm) + ", " + std::to_string(L.bk) + "]");
+    fail("[n, k] must be positive multiples of the block [" + std::to_string(L.bm) + ", " + std::to_string(L.bk) +
+         "], got [" + std::to_string(n) + ", " + std::to_string(k) + "]");
   const int64_t nbr = n / L.bm, nbc = k / L.bk, nnzb = L.nnzb;
   L.row_ptr = idx(row_ptr, nbr + 1, "row_ptr");
   L.col_idx = idx(col_idx, nnzb, "col_idx");
@@ -84,17 +53,20 @@ Plan make_plan(const py::array& values, py::handle row_ptr, py::handle col_idx, 
   L.row_idx = idx(row_idx, nnzb, "row_idx");
   L.perm = idx(perm, nnzb, "perm");
   if (L.row_ptr[0] != 0 || L.row_ptr[nbr] != nnzb || L.col_ptr[0] != 0 || L.col_ptr[nbc] != nnzb)
-    fail("row_ptr/col_ptr must start at 0 and end at nnzb");
+    fail("row_ptr/col_ptr must start at 0 and end at nnzb = " + std::to_string(nnzb) + ", got row_ptr [" +
+         std::to_string(L.row_ptr[0]) + " .. " + std::to_string(L.row_ptr[nbr]) + "], col_ptr [" +
+         std::to_string(L.col_ptr[0]) + " .. " + std::to_string(L.col_ptr[nbc]) + "]");
   for (int64_t i = 0; i < nbr; ++i) {
-    if (L.row_ptr[i + 1] < L.row_ptr[i]) fail("row_ptr must be non-decreasing");
+    if (L.row_ptr[i + 1] < L.row_ptr[i]) fail("row_ptr must be non-decreasing, got a drop at " + std::to_string(i));
     for (int64_t e = L.row_ptr[i]; e < L.row_ptr[i + 1]; ++e)
-      if (L.col_idx[e] < 0 || L.col_idx[e] >= nbc || L.block_row[e] != i) fail("col_idx/block_row out of range");
+      if (L.col_idx[e] < 0 || L.col_idx[e] >= nbc || L.block_row[e] != i)
+        fail("col_idx/block_row out of range at entry " + std::to_string(e));
   }
   for (int64_t i = 0; i < nbc; ++i) {
-    if (L.col_ptr[i + 1] < L.col_ptr[i]) fail("col_ptr must be non-decreasing");
+    if (L.col_ptr[i + 1] < L.col_ptr[i]) fail("col_ptr must be non-decreasing, got a drop at " + std::to_string(i));
     for (int64_t e = L.col_ptr[i]; e < L.col_ptr[i + 1]; ++e)
       if (L.row_idx[e] < 0 || L.row_idx[e] >= nbr || L.perm[e] < 0 || L.perm[e] >= nnzb)
-        fail("row_idx/perm out of range");
+        fail("row_idx/perm out of range at entry " + std::to_string(e));
   }
   p.keep[0] = py::reinterpret_borrow<py::array>(row_ptr);
   p.keep[1] = py::reinterpret_borrow<py::array>(col_idx);
@@ -103,17 +75,6 @@ Plan make_plan(const py::array& values, py::handle row_ptr, py::handle col_idx, 
   p.keep[4] = py::reinterpret_borrow<py::array>(row_idx);
   p.keep[5] = py::reinterpret_borrow<py::array>(perm);
   return p;
-}
-
-Act to_act(int act) {
-  if (act < 0 || act > 5) fail("act must be in 0..5 (none, tanh, softplus, elu, relu, sigmoid)");
-  return Act(act);
-}
-
-template <typename T>
-const T* opt_vec(py::handle obj, int64_t n, const char* what) {
-  if (obj.is_none()) return nullptr;
-  return static_cast<const T*>(checked<T>(obj, {n}, what).data());
 }
 
 // Dispatches on the values' dtype: fp32 and fp64 only.
@@ -126,15 +87,6 @@ void by_dtype(const py::array& values, F&& f) {
   } else {
     fail("values has dtype " + std::string(py::str(values.dtype())) + "; the CPU kernels support float32 and float64");
   }
-}
-
-template <typename T>
-const T* data(const py::array& a) {
-  return static_cast<const T*>(a.data());
-}
-template <typename T>
-T* mutable_data(py::array& a) {
-  return static_cast<T*>(a.mutable_data());
 }
 
 #define JSP_PLAN_ARGS                                                                                    \
@@ -165,8 +117,8 @@ void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int 
     auto xa = checked<T>(x, {-1, k}, "x");
     const int64_t B = xa.shape(0);
     auto ya = checked<T>(y, {B, n}, "y", true);
-    const T* sp = opt_vec<T>(scale, n, "scale");
-    const T* bp = opt_vec<T>(bias, n, "bias");
+    const T* sp = optional_data<T>(scale, {n}, "scale");
+    const T* bp = optional_data<T>(bias, {n}, "bias");
     const Act a = to_act(act);
     py::gil_scoped_release release;
     cpu::bsr::fwd<T>(lay, vp, data<T>(xa), B, sp, bp, a, mutable_data<T>(ya), num_threads);
@@ -183,8 +135,8 @@ void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py:
     const int64_t ntan = xda.shape(0);
     auto ya = checked<T>(y, {B, n}, "y", true);
     auto yda = checked<T>(y_dot, {ntan, B, n}, "y_dot", true);
-    const T* sp = opt_vec<T>(scale, n, "scale");
-    const T* bp = opt_vec<T>(bias, n, "bias");
+    const T* sp = optional_data<T>(scale, {n}, "scale");
+    const T* bp = optional_data<T>(bias, {n}, "bias");
     const Act a = to_act(act);
     py::gil_scoped_release release;
     cpu::bsr::jvp<T>(lay, vp, data<T>(xa), data<T>(xda), ntan, B, sp, bp, a, mutable_data<T>(ya),

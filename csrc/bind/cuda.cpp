@@ -1,6 +1,6 @@
 // pybind11 registration of the CUDA kernels (csrc/cuda/). Compiled in every build; its content only
-// when CMake built the CUDA sources (JSP_FAST_WITH_CUDA), otherwise the weak empty bind_cuda() of
-// bind_stubs.cpp stays in. The launcher (jsp_fast/sparse/_cuda.py) passes device pointers as integers
+// when CMake built the CUDA sources (JSP_FAST_WITH_CUDA), otherwise csrc/bind/stubs.cpp defines an
+// empty bind_cuda(). The launcher (jsp_fast/sparse/_cuda.py) passes device pointers as integers
 // with their sizes and the CUDA stream; everything that can be checked without reading device memory
 // is checked here before a pointer reaches the kernel.
 #ifdef JSP_FAST_WITH_CUDA
@@ -14,7 +14,8 @@
 #include <string>
 #include <type_traits>
 
-#include "bind.h"
+#include "bind/checks.h"
+#include "bind/module.h"
 #include "cuda/fused_mlp.h"
 
 namespace py = pybind11;
@@ -22,10 +23,9 @@ namespace py = pybind11;
 namespace jsp_fast {
 namespace {
 
+using bind::fail;
 using cuda::fused::FusedMlpParams;
 using cuda::fused::LayerParams;
-
-[[noreturn]] void fail(const std::string& msg) { throw py::value_error(msg); }
 
 const std::set<std::string>& layer_keys() {
   static const std::set<std::string> keys = {"n",      "k",       "bm",    "bk",   "nnzb",   "act",    "values",
@@ -36,7 +36,8 @@ const std::set<std::string>& layer_keys() {
 int64_t get_int(const py::dict& d, const char* key, const std::string& at, int64_t lo, int64_t hi) {
   if (!d.contains(key)) fail(at + "missing key '" + key + "'");
   py::handle h = d[key];
-  if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h)) fail(at + "'" + key + "' must be an int");
+  if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h))
+    fail(at + "'" + key + "' must be an int, got " + bind::type_name(h));
   const int64_t v = h.cast<int64_t>();
   if (v < lo || v > hi)
     fail(at + "'" + key + "' must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
@@ -48,7 +49,8 @@ int64_t get_int(const py::dict& d, const char* key, const std::string& at, int64
 template <class T>
 T* get_ptr(py::handle h, const std::string& what) {
   if (h.is_none()) return nullptr;
-  if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h)) fail(what + " must be a pointer (int) or None");
+  if (!py::isinstance<py::int_>(h) || py::isinstance<py::bool_>(h))
+    fail(what + " must be a pointer (int) or None, got " + bind::type_name(h));
   const py::int_ i = py::reinterpret_borrow<py::int_>(h);
   if (i < py::int_(0)) fail(what + " must not be negative");
   const uint64_t v = i.cast<uint64_t>();
@@ -65,7 +67,7 @@ T* dict_ptr(const py::dict& d, const char* key, const std::string& at) {
 
 LayerParams parse_layer(py::handle obj, int index) {
   const std::string at = "layer " + std::to_string(index) + ": ";
-  if (!py::isinstance<py::dict>(obj)) fail(at + "must be a dict");
+  if (!py::isinstance<py::dict>(obj)) fail(at + "must be a dict, got " + bind::type_name(obj));
   const py::dict d = py::reinterpret_borrow<py::dict>(obj);
   for (auto item : d) {
     if (!py::isinstance<py::str>(item.first)) fail(at + "keys must be strings");
@@ -78,9 +80,11 @@ LayerParams parse_layer(py::handle obj, int index) {
   L.k = int(get_int(d, "k", at, 1, W));
   L.bm = int(get_int(d, "bm", at, 1, L.n));
   L.bk = int(get_int(d, "bk", at, 1, L.k));
-  if (L.n % L.bm || L.k % L.bk) fail(at + "the block does not tile the weight");
+  if (L.n % L.bm || L.k % L.bk)
+    fail(at + "block " + std::to_string(L.bm) + "x" + std::to_string(L.bk) + " does not tile the weight " +
+         std::to_string(L.n) + "x" + std::to_string(L.k));
   L.nnzb = int(get_int(d, "nnzb", at, 0, int64_t(L.n / L.bm) * (L.k / L.bk)));
-  L.act = int(get_int(d, "act", at, 0, cuda::fused::kNumActs - 1));
+  L.act = int(get_int(d, "act", at, 0, kNumActs - 1));
   L.values = dict_ptr<const float>(d, "values", at);
   L.row_ptr = dict_ptr<const int>(d, "row_ptr", at);
   L.col_idx = dict_ptr<const int>(d, "col_idx", at);
@@ -100,10 +104,10 @@ void fused_mlp(py::sequence layers, py::handle x, py::handle x_dot, py::handle y
     fail("layers must hold 1 to " + std::to_string(cuda::fused::kMaxLayers) + " layers, got " + std::to_string(nl));
   p.num_layers = int(nl);
   for (size_t l = 0; l < nl; ++l) p.layers[l] = parse_layer(layers[l], int(l));
-  if (batch < 0) fail("batch must be >= 0");
-  if (ntan < 0 || ntan > (1 << 20)) fail("ntan must be in [0, 2^20]");
+  if (batch < 0) fail("batch must be >= 0, got " + std::to_string(batch));
+  if (ntan < 0 || ntan > (1 << 20)) fail("ntan must be in [0, 2^20], got " + std::to_string(ntan));
   if (!(t == t) || t > std::numeric_limits<float>::max() || t < -std::numeric_limits<float>::max())
-    fail("t must be a finite float32 value");
+    fail("t must be a finite float32 value, got " + std::to_string(t));
   p.batch = batch;
   p.ntan = int(ntan);
   p.t = float(t);
@@ -124,8 +128,10 @@ void fused_mlp(py::sequence layers, py::handle x, py::handle x_dot, py::handle y
 }
 
 py::dict fused_mlp_plan(int64_t batch, int64_t ntan, int64_t max_width) {
-  if (batch < 0 || ntan < 0 || ntan > (1 << 20)) fail("batch and ntan must be >= 0");
-  if (max_width < 1 || max_width > cuda::fused::kMaxWidth) fail("max_width must be in [1, 512]");
+  if (batch < 0 || ntan < 0 || ntan > (1 << 20))
+    fail("batch and ntan must be >= 0 (ntan <= 2^20), got " + std::to_string(batch) + " and " + std::to_string(ntan));
+  if (max_width < 1 || max_width > cuda::fused::kMaxWidth)
+    fail("max_width must be in [1, " + std::to_string(cuda::fused::kMaxWidth) + "], got " + std::to_string(max_width));
   FusedMlpParams p;
   p.num_layers = 1;
   p.layers[0].n = p.layers[0].k = int(max_width);
