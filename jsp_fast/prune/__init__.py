@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..sparse.plan import as_block
 from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
 
@@ -74,18 +75,6 @@ class PruneResult:
         return (f"PruneResult(method={self.method!r}, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"scope={self.scope!r}, kept={self.kept}/{self.total} ({self.overall_density:.4f}), "
                 f"density={{{layers}}}{fb}{ex})")
-
-
-def _check_block(block) -> tuple[int, int]:
-    if isinstance(block, int):
-        block = (block, block)
-    try:
-        bm, bk = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block must be an int or a pair of positive ints, got {block!r}") from None
-    if bm <= 0 or bk <= 0 or (bm, bk) != tuple(block):
-        raise ValueError(f"block must be a pair of positive ints, got {block!r}")
-    return bm, bk
 
 
 def _select_layers(layers, names: list[str]) -> list[str]:
@@ -228,7 +217,7 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     if not hasattr(model, "prunable_parameters"):
         raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
-    blk = _check_block(block) if granularity == "block" else None
+    blk = as_block(block) if granularity == "block" else None
     all_params = dict(model.prunable_parameters())
     if not all_params:
         raise ValueError("the model has no prunable parameters")
