@@ -182,6 +182,7 @@ def test_dopri5_options_match_torchdiffeq():
         z1, l1, nfe = odeint_native(plan, z, logp, 0.0, 1.0, rtol=1e-6, atol=1e-6, options=options)
     assert nfe == rnfe
     _check_tol(z1, rz, 1e-6, 1e-6, factor=1.0)
+    _check_tol(l1, rl, 1e-6, 1e-6, factor=1.0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -206,7 +207,7 @@ def test_chunks_step_independently(threads):
 def test_threads_do_not_change_results():
     # B(D+1) = 1.26M state elements: above the size (2^20) where the solver's own vector passes and
     # norms are split across threads; a tiny field keeps the test fast.
-    sp, plan = _sparse(torch.float64, hidden=(8,))
+    _, plan = _sparse(torch.float64, hidden=(8,))
     z, logp, eps = _inputs(140_000, torch.float64)
     with torch.no_grad():
         a = odeint_native(plan, z, logp, 0.0, 0.5, threads=1, trace="hutchinson", noise=eps)
@@ -238,7 +239,7 @@ def test_exploding_fixed_step_raises():
 
 
 def test_max_num_steps_raises():
-    sp, plan = _sparse(torch.float64)
+    _, plan = _sparse(torch.float64)
     z, logp, _ = _inputs(3, torch.float64)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"max_num_steps \(2\) exceeded at t = "):
         odeint_native(plan, z, logp, 0.0, 1.0, rtol=1e-9, atol=1e-9, options={"max_num_steps": 2})
@@ -267,7 +268,7 @@ def test_torchdiffeq_fails_too_on_the_exploding_field():
 
 
 def test_hutchinson_draws_noise_and_defaults():
-    sp, plan = _sparse(torch.float32)
+    _, plan = _sparse(torch.float32)
     z, _, _ = _inputs(5, torch.float32)
     with torch.no_grad():
         z1, l1, nfe = odeint_native(plan, z, None, 0.0, 1.0, trace="hutchinson")
