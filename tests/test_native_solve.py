@@ -1,4 +1,4 @@
-"""The native CNF solve (jsp_fast._native_solve.odeint_native) against torchdiffeq.odeint on the same
+"""The native CNF solve (jsp_fast.sparse.backends._cpu_solve.odeint_native) against torchdiffeq.odeint on the same
 augmented dynamics written in torch.
 
 The reference right-hand side calls the SparseODEnet's jvp, which under no_grad runs the same packed
@@ -17,13 +17,15 @@ import torch
 import torchdiffeq
 
 from jsp_fast.cnf import ODEnet
-from jsp_fast.sparse._field import SparseODEnet, fused_available
+import jsp_fast as jf
+from jsp_fast.sparse import SparseODEnet, registry
 
-pytestmark = pytest.mark.skipif(not fused_available(), reason="jsp_fast._C has no fused field")
+_HAS_FIELD = "cpu" in registry.available("cpu", fused=True)
+pytestmark = pytest.mark.skipif(not _HAS_FIELD, reason="jsp_fast._C has no fused field")
 
-if fused_available():
+if _HAS_FIELD:
     from jsp_fast._ext import _C
-    from jsp_fast._native_solve import odeint_native
+    from jsp_fast.sparse.backends._cpu_solve import odeint_native
 
 DIM, HIDDEN, BLOCK = 8, (32, 24), 8
 ROUND = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -315,3 +317,84 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="expected one of dopri5"):  # the binding checks on its own
         _C.native_odeint(plan, z.detach().numpy(), logp.numpy(), None, z.detach().numpy().copy(),
                          logp.numpy().copy(), 0.0, 1.0, method="heun")
+
+
+# ---- wired into CNF: jf.sparsify(model) solves natively for inference by default ------------------
+# float32 at 1e-6 sits at the rounding floor, where step acceptance is decided by rounding noise.
+CNF_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+
+
+def _cnf_pair(dtype, solver, trace, options=None, dim=DIM):
+    net = _pruned_odenet(dtype, dim=dim)
+    model = jf.CNF(dim=dim, hidden=HIDDEN, trace=trace, solver=solver, rtol=CNF_TOL[dtype], atol=CNF_TOL[dtype],
+                   options=options or {}).to(dtype)
+    model.net.load_state_dict(net.state_dict(), strict=False)
+    for src, dst in zip(net.layers, model.net.layers):
+        dst.set_mask(src.mask)
+    fast = jf.sparsify(model)
+    ref = jf.sparsify(model)
+    ref.net.native = False  # the same sparse field, integrated by torchdiffeq
+    return fast, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("solver,options", [("dopri5", None), ("rk4", {"step_size": 0.1}),
+                                            ("euler", {"step_size": 0.05}), ("midpoint", None)])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_cnf_native_matches_torchdiffeq_path(dtype, trace, solver, options, batch):
+    fast, ref = _cnf_pair(dtype, solver, trace, options)
+    x = torch.randn(batch, DIM, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.manual_seed(5)  # the same Hutchinson noise on both paths
+        a = fast.log_prob(x)
+        na, native = fast.nfe["forward"], fast.last_solve["native"]
+        torch.manual_seed(5)
+        b = ref.log_prob(x)
+        nb = ref.nfe["forward"]
+        assert native and not ref.last_solve["native"]
+        if solver == "dopri5":
+            assert abs(na - nb) <= (0 if dtype == torch.float64 else 2)
+        else:
+            assert na == nb
+        tol = 10 * CNF_TOL[dtype] if solver == "dopri5" else ROUND[dtype] * 100
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        za, zb = fast.sample(batch, seed=2), ref.sample(batch, seed=2)
+        torch.testing.assert_close(za, zb, rtol=tol, atol=tol)
+        torch.testing.assert_close(fast.transform(x), ref.transform(x), rtol=tol, atol=tol)
+
+
+def test_cnf_native_is_not_used_with_gradients_or_stats():
+    fast, _ = _cnf_pair(torch.float64, "dopri5", "exact")
+    x = torch.randn(5, DIM, dtype=torch.float64)
+    fast.log_prob(x).sum().backward()  # training: torchdiffeq through the per-layer ops
+    assert not fast.last_solve["native"]
+    with torch.no_grad():
+        fast.log_prob(x, return_stats=True)  # R and RNODE integrals: the Python path
+        assert not fast.last_solve["native"]
+        fast.log_prob(x)
+        assert fast.last_solve["native"]
+
+
+def test_cnf_native_chunks_report_nfe_per_chunk():
+    fast, ref = _cnf_pair(torch.float64, "dopri5", "exact")
+    fast.net.native_chunk = 8
+    x = torch.randn(20, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = fast.log_prob(x), ref.log_prob(x)
+    chunks = fast.last_solve["chunks"]
+    assert len(chunks) == 3 and fast.nfe["forward"] == max(chunks)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cnf_native_failure_is_a_solver_error():
+    net = _pruned_odenet(torch.float64, scale=40.0)
+    model = jf.CNF(dim=DIM, hidden=HIDDEN, trace="exact", rtol=1e-9, atol=1e-9,
+                   options={"max_num_steps": 3}).to(torch.float64)
+    model.net.load_state_dict(net.state_dict(), strict=False)
+    for src, dst in zip(net.layers, model.net.layers):
+        dst.set_mask(src.mask)
+    fast = jf.sparsify(model)
+    with torch.no_grad(), pytest.raises(jf.SolverError, match="dopri5"):
+        fast.log_prob(torch.randn(4, DIM, dtype=torch.float64))
+    assert isinstance(jf.SolverError("x"), RuntimeError)

@@ -6,7 +6,10 @@ solver, tolerances and Hutchinson noise) for
 
 - ``dense``: the masked dense model (plain torchdiffeq FFJORD, the field in eager PyTorch);
 - ``compiled``: the same dense model with its field's ``forward``/``jvp`` under ``torch.compile``;
-- ``sparse``: ``jf.sparsify(model)`` (the one-call fused C++ field on the CPU).
+- ``sparse``: ``jf.sparsify(model)`` with its native solve off: torchdiffeq steps around the one-call
+  fused C++ field;
+- ``native``: ``jf.sparsify(model)`` as it runs by default: the whole solve in one native call
+  (``SparseODEnet.native_solve``).
 
 Every row gives the median time, throughput, the NFE of the solve and the largest log-density
 difference from the dense model. ``run`` writes a markdown table (with the machine and the command)
@@ -61,7 +64,7 @@ SETUPS = {
     # 32x32 (or 16x16) block per layer, which jf.prune's per-layer floor refuses.
     "toy": Setup("toy", "8gaussians", 2, (64, 64, 64), "exact", (8, 8), 10_000),
 }
-PROVIDERS = ("dense", "compiled", "sparse")
+PROVIDERS = ("dense", "compiled", "sparse", "native")
 
 
 def _log(msg: str, quiet: bool = False) -> None:
@@ -140,7 +143,9 @@ def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=P
             dense, fast, res = build_models(setup, sp, x, solver, tol, prune_method, seed)
             _log(f"[{name} {sp:.0%}] pruned ({prune_method}, {time.perf_counter() - t0:.1f} s); "
                  f"dense layers in the sparse model: {fast.net.dense_layers or 'none'}", quiet)
-            models = {"dense": dense, "sparse": fast}
+            stepped = copy.deepcopy(fast)
+            stepped.net.native = False
+            models = {"dense": dense, "sparse": stepped, "native": fast}
             if "compiled" in providers:
                 if compiled is None:
                     t0 = time.perf_counter()
@@ -194,13 +199,15 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
         f"Command: `{command}`",
         "",
         "`dense`: the masked dense CNF (eager torchdiffeq FFJORD). `compiled`: the same with the field's "
-        "forward/jvp under `torch.compile`. `sparse`: `jf.sparsify(model)` (one fused C++ call per field "
-        "evaluation). Speed-ups are against `dense` / `compiled` in the same run; `max|Δ|` is the largest "
-        "difference from the dense output (log-density in nats, or sample coordinates).",
+        "forward/jvp under `torch.compile`. `sparse`: `jf.sparsify(model)` with `net.native = False` "
+        "(torchdiffeq steps around one fused C++ call per field evaluation). `native`: `jf.sparsify(model)` "
+        "as it runs by default (the whole solve in one native call). Speed-ups of `native` are against "
+        "`dense` / `compiled` in the same run; `max|Δ|` is the largest difference of `native` from the "
+        "dense output (log-density in nats, or sample coordinates).",
         "",
         "| data | field | trace | sparsity (density) | op | n | NFE | dense ms | compiled ms | sparse ms "
-        "| sparse /s | × dense | × compiled | max\\|Δ\\| |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| native ms | native /s | × dense | × compiled | native × sparse | max\\|Δ\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys = []
     for r in rows:
@@ -210,7 +217,7 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
     for k in keys:
         by = {r["provider"]: r for r in rows if (r["dataset"], r["sparsity"], r["op"]) == k}
         any_r = next(iter(by.values()))
-        d, c, s = by.get("dense"), by.get("compiled"), by.get("sparse")
+        d, c, sp, s = by.get("dense"), by.get("compiled"), by.get("sparse"), by.get("native")
 
         def ms(r):
             return f"{r['seconds'] * 1e3:.1f}" if r else "–"
@@ -222,8 +229,9 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
         lines.append(
             f"| {k[0]} | {hidden}, {any_r['block'][0]}×{any_r['block'][1]} blocks | {any_r['trace']} | "
             f"{k[1]:.0%} ({any_r['density']:.3f}) | {k[2]} | {any_r['n']} | {any_r['nfe']} | {ms(d)} | {ms(c)} | "
-            f"{ms(s)} | {s['throughput']:.0f} | {ratio(d, s)} | {ratio(c, s)} | "
-            f"{s['max_abs_diff']:.1e} |" if s else f"| {k[0]} | | | {k[1]} | {k[2]} | | | {ms(d)} | {ms(c)} | – | | | | |")
+            f"{ms(sp)} | {ms(s)} | {s['throughput']:.0f} | {ratio(d, s)} | {ratio(c, s)} | {ratio(sp, s)} | "
+            f"{s['max_abs_diff']:.1e} |" if s else
+            f"| {k[0]} | | | {k[1]} | {k[2]} | | | {ms(d)} | {ms(c)} | {ms(sp)} | – | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -149,6 +149,15 @@ class CNF(nn.Module):
         """Function evaluations of the last solve: ``{"forward": int, "backward": int}``."""
         return {"forward": self._nfe["forward"], "backward": self._nfe["backward"]}
 
+    @property
+    def last_solve(self) -> dict:
+        """How the last solve ran: ``{"native": bool}`` (one native call, or torchdiffeq), plus
+        ``"chunks"`` (the NFE of each batch chunk) when the field stepped chunks independently."""
+        out = {"native": bool(self._nfe.get("native", False))}
+        if "chunks" in self._nfe:
+            out["chunks"] = list(self._nfe["chunks"])
+        return out
+
     def config(self) -> dict[str, Any]:
         net = self.net
         return {
@@ -202,6 +211,9 @@ class CNF(nn.Module):
     def _solve(self, state: tuple, t0, t1, trace: str | None, stats: Sequence[str] = (),
                eps: torch.Tensor | None = None) -> tuple:
         self._nfe = {"forward": 0, "backward": 0, "solved": False}
+        native = self._native_solve(state, t0, t1, trace, stats, eps)
+        if native is not None:
+            return native
         dyn = _Dynamics(self.net, trace, eps, stats, self._nfe)
         ts = torch.stack([torch.as_tensor(t0, dtype=state[0].dtype, device=state[0].device).reshape(()),
                           torch.as_tensor(t1, dtype=state[0].dtype, device=state[0].device).reshape(())])
@@ -223,6 +235,28 @@ class CNF(nn.Module):
             raise
         self._nfe["solved"] = True
         return tuple(s[-1] for s in out)
+
+    def _native_solve(self, state: tuple, t0, t1, trace: str | None, stats: Sequence[str],
+                      eps: torch.Tensor | None) -> tuple | None:
+        """The field's own one-call solve (a sparsified field on the CPU: ``SparseODEnet.native_solve``)
+        when it offers one and nothing needs a gradient; None otherwise, and torchdiffeq integrates.
+        Same solver, tolerances, options and Hutchinson noise, so the same steps and NFE."""
+        solve = getattr(self.net, "native_solve", None)
+        if solve is None or stats or state[0].shape[0] == 0:
+            return None
+        if torch.is_grad_enabled() and (any(s.requires_grad for s in state)
+                                        or any(p.requires_grad for p in self.parameters())):
+            return None
+        out = solve(state[0], None if trace is None else state[1], t0, t1, trace=trace, noise=eps,
+                    solver=self.solver, rtol=self.rtol, atol=self.atol, options=self._options())
+        if out is None:
+            return None
+        z1, logp1, nfe = out
+        if isinstance(nfe, tuple):  # independent step sizes per batch chunk: one count per chunk
+            self._nfe["chunks"] = list(nfe)
+            nfe = max(nfe)
+        self._nfe.update(forward=int(nfe), solved=True, native=True)
+        return (z1,) if trace is None else (z1, logp1)
 
     def _noise(self, z: torch.Tensor) -> torch.Tensor:
         eps = torch.randn_like(z)

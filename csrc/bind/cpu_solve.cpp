@@ -1,5 +1,5 @@
 // pybind11 registration of the native CNF solve (csrc/cpu/solve.h). The field arrives as the
-// FieldPlanF32/F64 object bound in bind_cpu_field.cpp; arrays as NumPy views of CPU tensors
+// FieldPlanF32/F64 object bound in bind/cpu_field.cpp; arrays as NumPy views of CPU tensors
 // (zero-copy). Every dtype, shape and contiguity is checked here before a pointer reaches the solver.
 // Python-facing wrapper with the argument validation users see: jsp_fast/_native_solve.py.
 #include <pybind11/numpy.h>
@@ -7,7 +7,8 @@
 
 #include <string>
 
-#include "bind.h"
+#include "bind/checks.h"
+#include "bind/module.h"
 #include "cpu/field.h"
 #include "cpu/solve.h"
 
@@ -19,30 +20,8 @@ namespace {
 using cpu::field::FieldPlan;
 namespace sv = cpu::solve;
 
-void fail(const std::string& msg) { throw py::value_error(msg); }
-
-template <typename T>
-py::array checked(const py::handle& obj, std::initializer_list<int64_t> shape, const char* what,
-                  bool writeable) {
-  if (!py::isinstance<py::array>(obj)) fail(std::string(what) + " must be an array");
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<T>()))
-    fail(std::string(what) + " has dtype " + std::string(py::str(a.dtype())) + ", expected " +
-         std::string(py::str(py::dtype::of<T>())) + " (the plan's dtype)");
-  if (!(a.flags() & py::array::c_style)) fail(std::string(what) + " must be C-contiguous");
-  if (writeable && !a.writeable()) fail(std::string(what) + " must be writeable");
-  if (a.ndim() != py::ssize_t(shape.size()))
-    fail(std::string(what) + " must have " + std::to_string(shape.size()) + " dims, got " +
-         std::to_string(a.ndim()));
-  int i = 0;
-  for (int64_t s : shape) {
-    if (a.shape(i) != s)
-      fail(std::string(what) + ": dim " + std::to_string(i) + " is " + std::to_string(a.shape(i)) +
-           ", expected " + std::to_string(s));
-    ++i;
-  }
-  return a;
-}
+using bind::checked;
+using bind::fail;
 
 sv::Method parse_method(const std::string& s) {
   if (s == "dopri5") return sv::Method::Dopri5;

@@ -13,8 +13,10 @@ control, steps past ``t1`` and interpolation back) and the fixed-grid ``euler``,
 ``rk4`` (torchdiffeq's 3/8 rule) with ``options={"step_size": h}`` (one step over the whole interval
 without it). No gradients: inference only.
 
-How it maps onto ``jsp_fast.cnf.CNF`` (the field packed by ``SparseODEnet.fused_plan(dtype)``, or
-``build_plan(net.layers, net.activation, dtype)``; ``T = float(cnf.T)``)::
+It is the ``"cpu"`` fused field's ``solve`` (``backends/cpu.py``): ``CNF`` reaches it through
+``SparseODEnet.native_solve`` whenever the registry picks the C++ field for the inputs and no gradient
+is needed. What it computes, in ``CNF`` terms (the field packed by ``SparseODEnet.fused_plan(dtype)``;
+``T = float(cnf.T)``)::
 
     # cnf.log_prob(x) under no_grad
     z, dlogp, nfe = odeint_native(plan, x, None, 0.0, T, trace=cnf.trace, noise=eps,
@@ -37,7 +39,7 @@ import math
 
 import torch
 
-from ._ext import require_C
+from ..._ext import require_C
 
 SOLVERS = ("dopri5", "euler", "midpoint", "rk4")
 TRACES = ("exact", "hutchinson", "none")
@@ -162,8 +164,7 @@ def odeint_native(plan, z0: torch.Tensor, logp0: torch.Tensor | None, t0, t1, *,
         raise TypeError(f"z0 must be float32 or float64, got {z0.dtype}")
     plan_cls = C.FieldPlanF32 if z0.dtype == torch.float32 else C.FieldPlanF64
     if not isinstance(plan, (C.FieldPlanF32, C.FieldPlanF64)):
-        raise TypeError(f"plan must be a jsp_fast._C.FieldPlanF32/F64 (SparseODEnet.fused_plan or "
-                        f"build_plan), got {type(plan).__name__}")
+        raise TypeError(f"plan must be a jsp_fast._C.FieldPlanF32/F64 (SparseODEnet.fused_plan), got {type(plan).__name__}")
     if not isinstance(plan, plan_cls):
         raise TypeError(f"plan is {type(plan).__name__} but z0 is {z0.dtype}: build the plan for "
                         f"{z0.dtype}")
