@@ -15,16 +15,14 @@ from ..data import NAMES as DATASETS
 from ..data import get as get_data
 from ..cnf import ACTIVATIONS, CNF, SOLVERS, TRACES
 from ..prune import METHODS, prune
-from ..sparse import sparsify
 from ..training import CheckpointError, load
 from . import _args
-from ._args import UsageError, nonneg_int, pos_float, pos_int, pos_ints
+from ._args import PROG, UsageError, nonneg_int, pos_float, pos_int, pos_ints
 
 __all__ = ["PROG", "RUN_FILE", "add_common", "add_device", "add_data", "add_model", "add_prune", "set_threads",
            "device", "dataset", "build_model", "maybe_prune", "run_info", "load_checkpoint", "prepare_out",
            "toy_lim", "fast", "command_line"]
 
-PROG = "jsp-fast"
 RUN_FILE = "run.json"  # next to a CLI checkpoint: how to rebuild its dataset
 
 
@@ -182,6 +180,8 @@ def toy_lim(x: torch.Tensor) -> float:
 
 def fast(model):
     """``--fast``: the checkpoint's pruned CNF with its field on the block-sparse kernels."""
+    from ..sparse import sparsify  # the compiled core and the kernels: only for --fast
+
     out = sparsify(model)
     if out.net.dense_layers:
         print(f"--fast: layers left dense: {out.net.dense_layers}", file=sys.stderr)

@@ -26,14 +26,12 @@ from pathlib import Path
 
 import torch
 
-from .._ext import _C
 from .._io import atomic_write_text
 from .._timing import round_robin
 from ..cnf import CNF
 from ..data import digits
 from ..data import get as get_data
 from ..prune import METHODS, prune
-from ..sparse import sparsify
 from . import _common
 from ._args import names, nonneg_int, pos_float, pos_int, sparsities
 
@@ -83,6 +81,8 @@ def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
 def build_models(setup: Setup, sparsity: float, data: torch.Tensor, solver: str = "dopri5",
                  tol: float = 1e-5, prune_method: str = "jsp", seed: int = 0):
     """(dense masked CNF, jf.sparsify of it, PruneResult)."""
+    from ..sparse import sparsify  # the compiled core: imported when benchmarking, not for --help
+
     torch.manual_seed(seed)
     model = CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
     res = prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
@@ -175,6 +175,8 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from .._ext import _C
+
     info = _C.build_info() if _C is not None else {}
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "simd": info.get("simd", "?"),

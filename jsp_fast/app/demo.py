@@ -14,7 +14,6 @@ from .._io import atomic_write_json
 from .._timing import round_robin
 from ..cnf import CNF
 from ..data import TOY_NAMES, get, toy
-from ..sparse import sparsify
 from ..training import save, train
 from . import _common as c
 from . import plots
@@ -141,6 +140,8 @@ def _test_nll(model, x: torch.Tensor) -> tuple[float, float, int]:
 def _sparse_speed(model, x: torch.Tensor, seed: int, repeats: int = 3) -> dict:
     """Masks become speed: the trained pruned model against its jf.sparsify copy, same solver and
     tolerance, timed round-robin (medians); the first calls double as warm-up and accuracy check."""
+    from ..sparse import sparsify  # the compiled core and kernels: only when there is a block-pruned model
+
     fast = sparsify(model)
     fast.rtol, fast.atol = model.rtol, model.atol
     n = min(len(x), 4000)
