@@ -7,6 +7,7 @@ the compiled core or Triton. ``jf.CNF``, ``from jsp_fast import prune`` etc. beh
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
 
@@ -28,10 +29,12 @@ __all__ = ["CNF", "SolverError", "prune", "remove_pruning", "data", "train", "sa
 
 
 def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'jsp_fast' has no attribute {name!r}") from None
+    if name not in _EXPORTS:
+        # Subpackages (jf.cnf, jf.training, ...) were attributes of the eager root: import on access.
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module 'jsp_fast' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
     mod = importlib.import_module(module, __name__)
     value = mod if attr is None else getattr(mod, attr)
     globals()[name] = value
