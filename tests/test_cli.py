@@ -109,6 +109,13 @@ def test_demo_tiny_budget(capsys, tmp_path):
     code, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint", "--n", 50, "--out", tmp_path / "s.npy")
     assert code == 0, err
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
+    # eval of the demo directory reads the demo's own test points: the same NLL as metrics.json.
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--json", tmp_path / "e.json", "--no-progress")
+    assert code == 0, err
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["split"] == "test" and e["n"] == m["test_points"] == 200
+    assert abs(e["nll"] - m["test_nll"]) < 1e-4
+    assert "test split" in m["test_set"] and "8gaussians/test (200 points" in stdout
 
 
 def test_train_resume_sample_eval(capsys, tmp_path):

@@ -110,6 +110,13 @@ def test_bench_outside_the_repository_fails_before_benchmarking(capsys, tmp_path
     assert "expected a .md file" in one_line(code, err)
 
 
+def test_a_png_that_cannot_be_drawn_is_refused_before_sampling(capsys, tmp_path, monkeypatch):
+    jf.save(tmp_path / "ck3", jf.CNF(3, hidden=(4,)))
+    monkeypatch.setattr(jf.CNF, "sample", _never)
+    code, _, err = run(capsys, "sample", "--checkpoint", tmp_path / "ck3", "--out", tmp_path / "s.png")
+    assert "cannot plot 3-dimensional samples" in one_line(code, err)
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_unwritable_output_directory(capsys, tmp_path, ckpt):
     ro = tmp_path / "ro"

@@ -25,7 +25,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump), exit code 2."""
 
-    def error(self, message):  # noqa: D401
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 (sorted by _ours; the rest is re-raised)
+    except Exception as exc:  # sorted by _ours; the rest is re-raised
         if not _ours(exc) or os.environ.get("JSP_FAST_DEBUG"):
             raise
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"

@@ -1,4 +1,4 @@
-"""``jsp-fast demo``: the whole story in about a minute on a CPU — JSP at initialization, training
+"""``jsp-fast demo``: the whole story in a minute or two on a CPU — JSP at initialization, training
 with the masks, samples and a density plot, then the same model on the block-sparse kernels."""
 from __future__ import annotations
 

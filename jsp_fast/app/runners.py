@@ -112,6 +112,9 @@ def cmd_sample(args) -> int:
     c.set_threads(args.threads)
     out = c.check_out_file(args.out, "--out", (".npy", ".png"))
     model, path = c.load_checkpoint(args.checkpoint, c.device(args.device))
+    side = int(round(math.sqrt(model.dim)))
+    if out.suffix.lower() == ".png" and model.dim != 2 and side * side != model.dim:
+        raise UsageError(f"--out {out}: cannot plot {model.dim}-dimensional samples; use a .npy output")
     model = c.fast(model) if args.fast else model
     if args.rtol:
         model.rtol = args.rtol
@@ -131,12 +134,10 @@ def cmd_sample(args) -> int:
 
 
 def _images_png(out: Path, x: torch.Tensor, dim: int, info: dict, n: int) -> None:
-    side = int(round(math.sqrt(dim)))
+    side = int(round(math.sqrt(dim)))  # a square number: cmd_sample checked it before sampling
     imgs = x[:64]
     if info.get("dataset") == "digits":
         imgs = digits(seed=int(info.get("seed", 0))).to_pixels(imgs)
-    if side * side != dim:
-        raise UsageError(f"cannot plot {dim}-dimensional samples; use a .npy output")
     plots.images_png(out, imgs.reshape(-1, side, side), f"{min(n, 64)} samples")
 
 
