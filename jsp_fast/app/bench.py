@@ -29,16 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .._ext import _C
 from .._io import atomic_write_text
 from .._timing import round_robin
 from ..cnf import CNF
 from ..data import digits
 from ..data import get as get_data
 from ..prune import METHODS, prune
-from ..sparse import sparsify
 from . import _common
-from ._args import names, nonneg_int, pos_float, pos_int, sparsities
+from ._args import UsageError, names, nonneg_int, pos_float, pos_int, sparsities
 
 __all__ = ["SECTION", "SETUPS", "PROVIDERS", "Setup", "load_data", "build_models", "compile_like", "load_weights_",
            "measure_interleaved", "run_e2e", "machine_info", "format_markdown", "write_section", "add_arguments",
@@ -86,6 +84,8 @@ def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
 def build_models(setup: Setup, sparsity: float, data: torch.Tensor, solver: str = "dopri5",
                  tol: float = 1e-5, prune_method: str = "jsp", seed: int = 0):
     """(dense masked CNF, jf.sparsify of it, PruneResult)."""
+    from ..sparse import sparsify  # the compiled core: imported when benchmarking, not for --help
+
     torch.manual_seed(seed)
     model = CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
     res = prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
@@ -180,6 +180,8 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from .._ext import _C
+
     info = _C.build_info() if _C is not None else {}
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "simd": info.get("simd", "?"),
@@ -269,20 +271,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=pos_int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
     parser.add_argument("--repeats", type=pos_int, default=5,
                         help="timed repetitions, providers interleaved (median reported; default 5)")
-    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--solver", default="dopri5", help="torchdiffeq solver")
     parser.add_argument("--tol", type=pos_float, default=1e-5, help="rtol = atol")
     parser.add_argument("--prune", default="jsp", choices=METHODS, help="jf.prune method for the block masks (default jsp)")
-    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="model init and pruning seed")
     parser.add_argument("--threads", type=pos_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--results", default="bench/RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing it")
     parser.add_argument("--append", action="store_true",
                         help="add this run to the End to end section instead of replacing the section")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
     _common.set_threads(args.threads)
+    if not args.no_write:  # before the benchmark, not after it
+        try:
+            _common.check_out_file(args.results, "--results", (".md",))
+        except UsageError as exc:
+            raise UsageError(f"{exc} (run from the repository root, pass --results FILE or --no-write)") from None
     rows = run_e2e(args.datasets, args.sparsities, args.providers, args.repeats, args.n, args.solver, args.tol,
                    args.prune, args.seed, args.quiet)
     command = _common.command_line(args)

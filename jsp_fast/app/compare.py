@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_json, atomic_write_text
-from ..cnf import CNF, TRACES
+from ..cnf import ACTIVATIONS, CNF, SOLVERS, TRACES
 from ..data import get as get_data
 from ..prune import METHODS, prune
 from ..training import History, train
@@ -34,6 +34,7 @@ from .report import write_report
 __all__ = ["add_arguments", "run", "run_one", "curves", "DEFAULT_METHODS", "SETTINGS"]
 
 DEFAULT_METHODS = "jsp,random,magnitude,snip,synflow"
+FAILED_FILE = "failed.json"  # {run name: error} of the last invocation's failed runs, for the report
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -49,28 +50,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reg-pruned", type=nonneg_float, default=0.0,
                    help="also train every pruned model with RNODE at this λ (default 0: plain NLL)")
     p.add_argument("--hidden", type=pos_ints, default=None, help="hidden widths, e.g. 64,64,64 (default per dataset)")
-    p.add_argument("--activation", default="tanh")
+    p.add_argument("--activation", default="tanh", choices=ACTIVATIONS, help="field activation")
     p.add_argument("--trace", default=None, choices=TRACES, help="default: exact for dim <= 8")
-    p.add_argument("--solver", default="dopri5")
+    p.add_argument("--solver", default="dopri5", choices=SOLVERS, help="torchdiffeq solver")
     p.add_argument("--tol", type=pos_float, default=1e-3, help="rtol = atol while training")
     p.add_argument("--eval-tol", type=pos_float, default=1e-5, help="rtol = atol for the final test evaluation")
-    p.add_argument("--steps", type=pos_int, default=300)
-    p.add_argument("--batch-size", type=pos_int, default=256)
-    p.add_argument("--lr", type=pos_float, default=5e-3)
+    p.add_argument("--steps", type=pos_int, default=300, help="training steps per run")
+    p.add_argument("--batch-size", type=pos_int, default=256, help="training batch size")
+    p.add_argument("--lr", type=pos_float, default=5e-3, help="Adam learning rate")
     p.add_argument("--eval-every", type=pos_int, default=100, help="validation NLL every this many steps")
     p.add_argument("--R-every", dest="R_every", type=nonneg_int, default=5,
                    help="measure R on a fixed validation batch every this many steps (0: never)")
-    p.add_argument("--n", type=pos_int, default=None, help="training set size for generated data")
+    p.add_argument("--n", type=pos_int, default=None, help="training set size for generated data (default: 10000)")
     p.add_argument("--n-test", type=pos_int, default=2000, help="test points evaluated at the end (at most)")
     p.add_argument("--n-samples", type=nonneg_int, default=1000, help="samples drawn per run for the grids")
-    p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"))
+    p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"), help="mask granularity")
     p.add_argument("--block", type=block_shape, default="16,16", help="block shape rows,cols for --granularity block")
-    p.add_argument("--scope", default="global", choices=("global", "layer"))
+    p.add_argument("--scope", default="global", choices=("global", "layer"), help="jf.prune scope")
     p.add_argument("--prune-batch", type=pos_int, default=512, help="data points used for the pruning scores")
     p.add_argument("--rounds", type=pos_int, default=None,
                    help="pruning rounds per method (jf.prune rounds=; default: 100 for synflow, else 1)")
     p.add_argument("--root", default=None, help="data directory for file-based datasets")
-    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from the JSONs")
 
 
@@ -219,10 +220,41 @@ def _todo(plan: list, runs: Path, mine: dict) -> list:
     return todo
 
 
-def _run_all(args, todo: list, runs: Path) -> list[str]:
-    """Run and store each planned run; the names of those that failed (the others go on)."""
+def _validate(args) -> None:
+    """Everything every run would check, checked once before any run starts (so a bad setting is one
+    error, not a grid of failed runs): the dataset and its splits, the model settings (through
+    ``CNF``, as ``train`` does), and the masks at every sparsity (through ``jf.prune`` with random
+    scores on that model: block shape, scope and the per-layer floor)."""
+    try:
+        ds = _dataset(args, args.seeds[0])
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"--dataset {args.dataset}: {str(exc).splitlines()[0]}") from None
+    for name in ("train", "val", "test"):
+        _common.split(ds, name)
+    dim = int(ds.dim)
+    try:
+        model = CNF(dim, hidden=args.hidden or ((64, 64, 64) if dim <= 8 else (256, 256)), activation=args.activation,
+                    trace=args.trace or ("exact" if dim <= 8 else "hutchinson"), solver=args.solver, rtol=args.tol,
+                    atol=args.tol)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model settings: {str(exc).splitlines()[0]}") from None
+    for sp in args.sparsities:
+        try:
+            res = prune(model, "random", sp, ds.train[:8], granularity=args.granularity, block=args.block,
+                        scope=args.scope, seed=0)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--sparsity {sp:g} with --granularity {args.granularity} --block "
+                             f"{_as_text(args.block)}: {str(exc).splitlines()[0]}") from None
+        if args.granularity == "block" and len(res.fallback) == len(res.masks):
+            print(f"warning: block {_as_text(args.block)} fits none of the field's layers; they get unstructured "
+                  f"masks", file=sys.stderr)
+            break
+
+
+def _run_all(args, todo: list, runs: Path) -> dict[str, str]:
+    """Run and store each planned run; {name: error} of those that failed (the others go on)."""
     from tqdm import tqdm
-    failed = []
+    failed = {}
     bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run")
     for method, sp, seed in bar:
         name = run_name(method, sp, seed)
@@ -230,8 +262,8 @@ def _run_all(args, todo: list, runs: Path) -> list[str]:
         try:
             rec = run_one(args, method, sp, seed)
         except Exception as exc:  # noqa: BLE001 (record the failure, keep going)
-            failed.append(name)
-            tqdm.write(f"{name} failed: {type(exc).__name__}: {exc}")
+            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            tqdm.write(f"{name} failed: {failed[name]}")
             continue
         atomic_write_json(runs / f"{name}.json", rec, indent=None)
         tqdm.write(f"{name}: test NLL {rec['test_nll']:.3f}, NFE-F {rec['test_nfe_forward']}, "
@@ -244,22 +276,31 @@ def run(args) -> int:
     _common.set_threads(args.threads)
     out = Path(args.out or f"compare-{args.dataset}")
     runs = out / "runs"
-    plan = _plan(args)
-    runs.mkdir(parents=True, exist_ok=True)
-    meta_path = out / "command.txt"
-    command = _common.command_line(args)
-    failed = []
-    if not args.report_only:
+    meta_path, failed_path = out / "command.txt", out / FAILED_FILE
+    if args.report_only:
+        if not runs.is_dir():
+            raise UsageError(f"--report-only: no runs in {runs}")
+        # The report describes the runs: the command that made them, never the --report-only one.
+        command = meta_path.read_text().strip() if meta_path.exists() else ""
+        failed = json.loads(failed_path.read_text()) if failed_path.exists() else {}
+    else:
+        plan = _plan(args)
+        _validate(args)
+        _common.prepare_out(out)
+        _common.prepare_out(runs)
+        todo = _todo(plan, runs, _settings(args))  # refuses changed settings before anything is written
+        command = _common.command_line(args)
         atomic_write_text(meta_path, command + "\n")
-        todo = _todo(plan, runs, _settings(args))
         if len(todo) < len(plan):
             print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
         failed = _run_all(args, todo, runs)
-    elif meta_path.exists():
-        command = meta_path.read_text().strip()
+        if failed:
+            atomic_write_json(failed_path, failed)
+        elif failed_path.exists():
+            failed_path.unlink()
     records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
-    print(f"report: {write_report(out, records, command)}")
+    print(f"report: {write_report(out, records, command, failed)}")
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (listed in report.md)", file=sys.stderr)
         return 1
     return 0

@@ -21,6 +21,9 @@ from ._args import UsageError, nonneg_float, nonneg_int, pos_float, pos_int
 __all__ = ["train_args", "cmd_train", "sample_args", "cmd_sample", "eval_args", "cmd_eval"]
 
 
+_CHECKPOINT_HELP = "a checkpoint directory, or the --out directory of train or demo"
+
+
 # -- train -----------------------------------------------------------------------------------------
 def train_args(p: argparse.ArgumentParser) -> None:
     c.add_data(p, required=True)
@@ -51,7 +54,7 @@ def cmd_train(args) -> int:
     c.set_threads(args.threads)
     device = c.device(args.device)
     ds = c.dataset(args.dataset, args.n, args.root, args.data_seed)
-    train_x, val_x = ds.train.to(device), ds.val[: args.val_max].to(device)
+    train_x, val_x = c.split(ds, "train").to(device), c.split(ds, "val")[: args.val_max].to(device)
     out = Path(args.out)
     c.prepare_out(out)
     last = out / "last"
@@ -66,8 +69,9 @@ def cmd_train(args) -> int:
     else:
         pruned = c.maybe_prune(args, model, train_x, args.seed)
         if pruned:
-            print(f"pruned with {pruned['method']}: kept {pruned['kept']}/{pruned['total']} field weights",
-                  file=sys.stderr)
+            note = c.block_note(pruned)
+            print(f"pruned with {pruned['method']}: kept {pruned['kept']}/{pruned['total']} field weights"
+                  + (f"; {note}" if note else ""), file=sys.stderr)
     info = {"dataset": ds.name, "n": args.n, "seed": args.data_seed, "root": args.root, "prune": pruned,
             "command": c.command_line(args)}
     if not resuming or not (out / c.RUN_FILE).exists():
@@ -81,22 +85,23 @@ def cmd_train(args) -> int:
     except CheckpointError as exc:
         raise UsageError(f"{exc} (use --no-resume to start over)") from None
     hist.to_json(out / "history.json")
+    note = c.block_note(pruned or c.run_info(out).get("prune"))
     r = hist[-1]
     bpd = f" ({hist.last('val_bpd'):.3f} bits/dim)" if hist.last("val_bpd") is not None else ""
     print(f"step {r['step']}: train NLL {r.get('train_nll', float('nan')):.4f}, val NLL "
           f"{hist.last('val_nll', float('nan')):.4f}{bpd}, NFE {r.get('nfe_forward')}/{r.get('nfe_backward')}, "
-          f"R {r.get('R', float('nan')):.4g} -> {last}")
+          f"R {r.get('R', float('nan')):.4g} -> {last}" + (f" ({note})" if note else ""))
     return 0
 
 
 # -- sample ----------------------------------------------------------------------------------------
 def sample_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a train --out directory)")
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--n", type=pos_int, default=1000, help="number of samples")
-    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="output file: .npy (the samples) or .png (a plot)")
-    p.add_argument("--rtol", type=pos_float, default=None, help="override the checkpoint's solver rtol")
-    p.add_argument("--atol", type=pos_float, default=None, help="override the checkpoint's solver atol")
+    p.add_argument("--rtol", type=pos_float, default=None, help="solver rtol (default: the checkpoint's)")
+    p.add_argument("--atol", type=pos_float, default=None, help="solver atol (default: the checkpoint's)")
     p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
     c.add_device(p)
     c.add_common(p)
@@ -105,12 +110,11 @@ def sample_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args) -> int:
     """Draw samples from a checkpoint into .npy or .png."""
     c.set_threads(args.threads)
-    out = Path(args.out)
-    if out.suffix.lower() not in (".npy", ".png"):
-        raise UsageError(f"--out {out}: expected a .npy or .png file name")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: directory {out.parent} does not exist")
+    out = c.check_out_file(args.out, "--out", (".npy", ".png"))
     model, path = c.load_checkpoint(args.checkpoint, c.device(args.device))
+    side = int(round(math.sqrt(model.dim)))
+    if out.suffix.lower() == ".png" and model.dim != 2 and side * side != model.dim:
+        raise UsageError(f"--out {out}: cannot plot {model.dim}-dimensional samples; use a .npy output")
     model = c.fast(model) if args.fast else model
     if args.rtol:
         model.rtol = args.rtol
@@ -130,22 +134,21 @@ def cmd_sample(args) -> int:
 
 
 def _images_png(out: Path, x: torch.Tensor, dim: int, info: dict, n: int) -> None:
-    side = int(round(math.sqrt(dim)))
+    side = int(round(math.sqrt(dim)))  # a square number: cmd_sample checked it before sampling
     imgs = x[:64]
     if info.get("dataset") == "digits":
         imgs = digits(seed=int(info.get("seed", 0))).to_pixels(imgs)
-    if side * side != dim:
-        raise UsageError(f"cannot plot {dim}-dimensional samples; use a .npy output")
     plots.images_png(out, imgs.reshape(-1, side, side), f"{min(n, 64)} samples")
 
 
 # -- eval ------------------------------------------------------------------------------------------
 def eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a train --out directory)")
-    c.add_data(p)
-    p.add_argument("--split", default="test", choices=("test", "val", "train"))
-    p.add_argument("--max-n", type=pos_int, default=None, help="evaluate at most this many points")
-    p.add_argument("--batch-size", type=pos_int, default=1024)
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    c.add_data(p, from_run=True)
+    p.add_argument("--split", default="test", choices=("test", "val", "train"), help="dataset split")
+    p.add_argument("--max-n", type=pos_int, default=None,
+                   help="evaluate at most this many points (default: the whole split)")
+    p.add_argument("--batch-size", type=pos_int, default=1024, help="points per solve")
     p.add_argument("--tol", type=pos_float, default=1e-5, help="rtol = atol for evaluation (default 1e-5)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="Hutchinson noise seed")
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
@@ -157,29 +160,32 @@ def eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args) -> int:
     """NLL (nats, bits/dim where defined), NFE and R of a checkpoint on a dataset split."""
     c.set_threads(args.threads)
-    if args.json is not None and not Path(args.json).parent.is_dir():
-        raise UsageError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+    if args.json is not None:
+        c.check_out_file(args.json, "--json")
     device = c.device(args.device)
     model, path = c.load_checkpoint(args.checkpoint, device)
     model = c.fast(model) if args.fast else model
     info = c.run_info(path)
     name = args.dataset or info.get("dataset")
-    ds = c.dataset(name, args.n or info.get("n"), args.root or info.get("root"),
-                   args.data_seed if args.dataset else int(info.get("seed", args.data_seed)))
+    seed = args.data_seed if args.dataset else int(info.get("seed", args.data_seed))
+    ds = c.dataset(name, args.n or info.get("n"), args.root or info.get("root"), seed)
     if ds.dim != model.dim:
         raise UsageError(f"dataset {ds.name} has dim {ds.dim} but the checkpoint's model has dim {model.dim}")
-    x = getattr(ds, args.split)
-    if args.max_n:
-        x = x[: args.max_n]
+    x = c.split(ds, args.split)
+    max_n = args.max_n
+    if max_n is None and not args.dataset and args.split == "test":
+        max_n = info.get("test_points")  # the demo's test set: the same points its metrics.json reports
+    if max_n:
+        x = x[: max_n]
     model.eval()
     model.rtol = model.atol = args.tol
     t = time.perf_counter()
-    res = {"checkpoint": str(path), "dataset": ds.name, "split": args.split, "n": x.shape[0],
+    res = {"checkpoint": str(path), "dataset": ds.name, "split": args.split, "data_seed": seed, "n": x.shape[0],
            **_eval_sums(model, x, ds, args, device), "tol": args.tol, "seconds": time.perf_counter() - t}
     if ds.log_prob is not None:
         res["true_nll"] = float(-ds.log_prob(x).double().mean())
         res["nll_gap"] = res["nll"] - res["true_nll"]
-    msg = f"{ds.name}/{args.split} ({res['n']} points): NLL {res['nll']:.4f} nats"
+    msg = f"{ds.name}/{args.split} ({res['n']} points, data seed {seed}): NLL {res['nll']:.4f} nats"
     if res["bits_per_dim"] is not None:
         msg += f" = {res['bits_per_dim']:.4f} bits/dim"
     if "true_nll" in res:
