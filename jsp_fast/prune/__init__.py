@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..sparse.plan import as_block
+from .._blocks import as_block
 from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
 
