@@ -5,6 +5,8 @@ from ._version import __version__  # noqa: F401
 
 from ._ext import _C  # noqa: F401  (None when the compiled core failed to import)
 
+from . import errors
+
 from .cnf import CNF, SolverError
 from .prune import prune, remove_pruning
 from . import data
@@ -12,5 +14,5 @@ from .training import train, save, load
 from . import sparse, ops, backends
 from .sparse import sparsify
 
-__all__ = ["CNF", "SolverError", "prune", "remove_pruning", "data", "train", "save", "load", "sparse", "ops",
+__all__ = ["errors", "CNF", "SolverError", "prune", "remove_pruning", "data", "train", "save", "load", "sparse", "ops",
            "backends", "sparsify"]

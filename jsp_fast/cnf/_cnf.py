@@ -17,6 +17,7 @@ import torchdiffeq
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torch import nn
 
+from ..errors import SolverError  # noqa: F401  (defined there, re-exported by jsp_fast.cnf)
 from ._layers import ODEnet, check_activation
 
 TRACES = ("exact", "hutchinson")
@@ -26,10 +27,6 @@ FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_ad
 STATS = ("R", "kinetic", "jacobian")
 # ‖J‖_F = sqrt(‖J‖_F² + eps): keeps the gradient finite where a Hutchinson sample of J ε is zero.
 FRO_EPS = 1e-8
-
-
-class SolverError(RuntimeError):
-    """The ODE solver gave up (step-size underflow, step budget exhausted)."""
 
 
 def _standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
