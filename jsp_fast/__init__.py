@@ -15,7 +15,7 @@ from ._version import __version__  # noqa: F401
 
 # public name -> (module, attribute); attribute None: the module itself
 _EXPORTS = {
-    "CNF": (".cnf", "CNF"), "SolverError": (".cnf", "SolverError"),
+    "CNF": (".cnf", "CNF"), "SolverError": (".errors", "SolverError"),
     "prune": (".prune", "prune"), "remove_pruning": (".prune", "remove_pruning"),
     "train": (".training", "train"), "save": (".training", "save"), "load": (".training", "load"),
     "sparsify": (".sparse", "sparsify"),
@@ -24,7 +24,7 @@ _EXPORTS = {
     "_C": ("._ext", "_C"),  # None when the compiled core failed to import
 }
 
-__all__ = ["CNF", "SolverError", "prune", "remove_pruning", "data", "train", "save", "load", "sparse", "ops",
+__all__ = ["errors", "CNF", "SolverError", "prune", "remove_pruning", "data", "train", "save", "load", "sparse", "ops",
            "backends", "sparsify"]
 
 

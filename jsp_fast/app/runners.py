@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,7 +13,9 @@ import torch
 
 from .._io import atomic_write_json
 from ..data import digits
-from ..training import CheckpointError, exists, train
+from ..errors import CheckpointError, ConfigError, ResumeMismatchError
+from ..training import checkpoint as ckpt
+from ..training import exists, train
 from . import _common as c
 from . import plots
 from ._args import UsageError, nonneg_float, nonneg_int, pos_float, pos_int
@@ -42,11 +44,68 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--R-every", dest="R_every", type=nonneg_int, default=1,
                    help="measure R on a fixed validation batch every this many steps (0: never)")
     g.add_argument("--checkpoint-every", type=pos_int, default=None, help="default: --eval-every")
-    g.add_argument("--no-resume", action="store_true", help="start over even if OUT/last exists")
+    g.add_argument("--no-resume", action="store_true",
+                   help="start over: delete OUT/last (only if it is a jsp_fast checkpoint) and its leftovers")
+    g.add_argument("--resume-anyway", action="store_true",
+                   help="resume OUT/last even if it was made with other data, model, pruning or training settings")
     g.add_argument("--seed", type=nonneg_int, default=0, help="model init, minibatches and solver noise")
     c.add_prune(p)
     c.add_device(p)
     c.add_common(p)
+
+
+def _ours(path: Path, keys: tuple[str, ...]) -> bool:
+    """Whether the JSON file ``path`` looks like one this command wrote (an object with ``keys``)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and all(k in d for k in keys)
+
+
+def _check_run_dir(out: Path, last: Path) -> None:
+    """Refuse, before any work, to overwrite or delete files this command did not write."""
+    for name, keys in ((c.RUN_FILE, ("dataset", "prune")), ("history.json", ("rows",))):
+        f = out / name
+        if (f.exists() or f.is_symlink()) and not _ours(f, keys):
+            raise UsageError(f"--out {out}: {name} exists and was not written by {c.PROG} train; refusing to "
+                             f"overwrite it (move it away or choose another --out)")
+    try:
+        ckpt.check_target(last)
+    except ConfigError as exc:
+        raise UsageError(f"--out {out}: {exc}") from None
+
+
+def _prune_record(args) -> dict | None:
+    if args.prune in (None, "none"):
+        return None
+    return {"method": args.prune, "sparsity": args.sparsity, "granularity": args.granularity,
+            "block": list(args.block) if args.granularity == "block" else None, "scope": args.scope}
+
+
+def _prune_differences(args, out: Path) -> list[str]:
+    """How ``--prune ...`` differs from the pruning recorded in OUT/run.json (what made OUT/last)."""
+    try:
+        old = json.loads((out / c.RUN_FILE).read_text()).get("prune")
+    except (OSError, ValueError, AttributeError):
+        return []
+    new = _prune_record(args)
+    if old is None or new is None:
+        return [] if old is new else [f"prune: {old and old.get('method')} in the checkpoint, {args.prune} now"]
+    return [f"prune {k}: {old.get(k)!r} in the checkpoint, {v!r} now" for k, v in new.items()
+            if k in old and old.get(k) != v]
+
+
+def _masks_from(last: Path, model) -> None:
+    """Give ``model`` the masks of the checkpoint it resumes (pruning is not redone; ``train``
+    then checks everything else against the checkpoint)."""
+    saved = ckpt.load_checkpoint(last).model
+    mods = dict(model.named_modules())
+    for name, m in saved.named_modules():
+        mine = mods.get(name)
+        if getattr(m, "mask", None) is not None and hasattr(mine, "set_mask") \
+                and tuple(mine.linear.weight.shape) == tuple(m.mask.shape):
+            mine.set_mask(m.mask)
 
 
 def cmd_train(args) -> int:
@@ -58,14 +117,26 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     c.prepare_out(out)
     last = out / "last"
-    if args.no_resume and last.exists():
-        shutil.rmtree(last)
-    resuming = exists(last)
+    _check_run_dir(out, last)
+    if args.no_resume:
+        try:
+            ckpt.discard(last)
+        except (ConfigError, OSError) as exc:
+            raise UsageError(f"--no-resume: {exc}") from None
+    resuming = not args.no_resume and exists(last)
     torch.manual_seed(args.seed)
     model = c.build_model(args, ds.dim).to(device)
     pruned = None
     if resuming:
+        diffs = _prune_differences(args, out)
+        if diffs and not args.resume_anyway:
+            raise UsageError(f"cannot resume from {last}: {'; '.join(diffs)} (use --resume-anyway, --no-resume "
+                             f"or another --out)")
         print(f"resuming from {last}", file=sys.stderr)
+        try:
+            _masks_from(last, model)
+        except CheckpointError as exc:
+            raise UsageError(f"{exc} (use --no-resume to start over)") from None
     else:
         pruned = c.maybe_prune(args, model, train_x, args.seed)
         if pruned:
@@ -81,7 +152,12 @@ def cmd_train(args) -> int:
         hist = train(model, train_x, val_x, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, reg=reg, eval_every=args.eval_every, seed=args.seed, weight_decay=args.weight_decay,
                      bits_per_dim=ds.bits_per_dim, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
-                     resume=True, progress=not args.no_progress, R_every=args.R_every)
+                     resume=("force" if args.resume_anyway else "must-match") if resuming else False,
+                     progress=not args.no_progress, R_every=args.R_every)
+    except ResumeMismatchError as exc:
+        diffs = "; ".join(f"{k}: {_short(a)} in the checkpoint, {_short(b)} now" for k, a, b in exc.differences)
+        raise UsageError(f"cannot resume from {last}: it was made with other settings ({diffs}); use "
+                         f"--resume-anyway, --no-resume or another --out") from None
     except CheckpointError as exc:
         raise UsageError(f"{exc} (use --no-resume to start over)") from None
     hist.to_json(out / "history.json")
@@ -92,6 +168,13 @@ def cmd_train(args) -> int:
           f"{hist.last('val_nll', float('nan')):.4f}{bpd}, NFE {r.get('nfe_forward')}/{r.get('nfe_backward')}, "
           f"R {r.get('R', float('nan')):.4g} -> {last}" + (f" ({note})" if note else ""))
     return 0
+
+
+def _short(v) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"data {v.get('shape')} sha256 {str(v['sha256'])[:10]}"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 # -- sample ----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import torchdiffeq
 from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torch import nn
 
+from ..errors import SolverError  # noqa: F401  (defined there, re-exported by jsp_fast.cnf)
 from ._layers import ODEnet, check_activation
 
 TRACES = ("exact", "hutchinson")
@@ -63,10 +64,6 @@ def _check_batch_size(batch_size) -> int | None:
         raise ValueError(f"batch_size must be a positive int (points per chunk) or None (a default "
                          f"chunk), got {batch_size!r}")
     return int(batch_size)
-
-
-class SolverError(RuntimeError):
-    """The ODE solver gave up (step-size underflow, step budget exhausted)."""
 
 
 def _standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
