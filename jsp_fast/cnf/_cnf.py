@@ -38,6 +38,7 @@ from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
 from torch import nn
 
 from ..errors import SolverError  # noqa: F401  (defined there, re-exported by jsp_fast.cnf)
+from .._device import check_device
 from ._layers import ODEnet, check_activation
 
 TRACES = ("exact", "hutchinson")
@@ -234,6 +235,8 @@ class CNF(nn.Module):
         ref = self.sqrt_T
         if not x.is_floating_point():
             raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+        check_device(ref.device, "the model")
+        check_device(x.device, what)
         if x.dtype != ref.dtype:
             raise TypeError(f"{what} is {x.dtype} but the model is {ref.dtype}: convert one of them "
                             f"(x.to({ref.dtype}) or model.to({x.dtype}))")

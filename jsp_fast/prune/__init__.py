@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._blocks import as_block
+from .._device import check_device
 from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
 
@@ -129,6 +130,8 @@ def _batches(model: nn.Module, data, n_batches: int, batch_size: int | None, see
     ref = next(iter(model.prunable_parameters().values()))
     if not data.is_floating_point():
         raise TypeError(f"data must be floating point, got {data.dtype}")
+    check_device(data.device, "data")
+    check_device(ref.device, "the model")
     data = data.to(device=ref.device, dtype=ref.dtype)
     if not torch.isfinite(data).all():
         raise ValueError("data contains NaN or inf")

@@ -42,6 +42,7 @@ from torch import nn
 
 from .._version import __version__
 from ..cnf import CNF, ODEnet
+from .._device import check_device
 from ..errors import CheckpointError, ConfigError
 from . import _schema as schema
 from .history import History
@@ -440,6 +441,8 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
 
     Everything is validated first (see the module docstring); any defect is a ``CheckpointError``.
     """
+    if device is not None:
+        device = check_device(device)
     path = _resolve(path)
     cfg = _read_config(path)
     files = cfg["files"]

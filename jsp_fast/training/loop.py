@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .._device import check_device
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError
 from . import checkpoint as ckpt
 from .history import History
@@ -132,6 +133,7 @@ def _check_data(model: nn.Module, x, what: str, allow_none: bool = False) -> tor
         raise ValueError(f"{what} has dimension {x.shape[1]} but the model has dim={dim}")
     if not x.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+    check_device(x.device, what)
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or inf")
     return x
