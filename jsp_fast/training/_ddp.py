@@ -62,6 +62,8 @@ class DDPRun:
                              f"({self.world}): each rank takes an equal share of the global minibatch")
         self.local = batch_size // self.world
         self.is_main = self.rank == 0
+        # a user's NCCL-only group cannot carry CPU tensors; jsp_fast's own group routes them to gloo
+        self.reduce_device = device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         self.check_masks(model, "before training")
         # broadcast_buffers=False: the masks were just checked equal and never change; DDP's
         # construction still broadcasts rank 0's parameters, so every rank starts identical.
@@ -99,7 +101,7 @@ class DDPRun:
 
     def reduce(self, row: dict) -> dict:
         keys = [k for k in (*_MEAN_KEYS, *_MAX_KEYS) if k in row]
-        mine = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
+        mine = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=self.reduce_device)
         parts = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(parts, mine)
         stacked = torch.stack(parts)

@@ -13,6 +13,9 @@ saved in every checkpoint. A run resumed from a checkpoint therefore ends with t
 as an uninterrupted one (same thread count, same machine). The caller's global RNG is untouched.
 The order of everything that draws from that RNG (step 0's evaluation, each step's training solve,
 then its ``R``/validation solves) is part of this contract.
+
+Under torchrun (more than one process) the same function trains with DistributedDataParallel; what
+changes and what stays equal to the single-process run is described in ``_ddp``.
 """
 from __future__ import annotations
 
