@@ -2,7 +2,8 @@
 
 Rank 0 saves the final parameters (and masks) to ``--params``. ``--kill-rank R --kill-step K``
 SIGKILLs rank R from the step-K callback (a process dying mid-run); ``--bad-mask-rank R`` gives
-rank R a different pruning mask; ``--sparse`` trains the block-sparse (jf.sparsify) model.
+rank R a different pruning mask; ``--sparse`` trains the block-sparse (jf.sparsify) model;
+``--repeat N`` calls ``jf.train`` N times in one process.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--kill-step", type=int, default=-1)
     p.add_argument("--bad-mask-rank", type=int, default=-1)
     p.add_argument("--sparse", action="store_true")
+    p.add_argument("--repeat", type=int, default=1, help="call jf.train this many times in a row")
     a = p.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
@@ -48,8 +50,9 @@ def main() -> None:
         if rank == a.kill_rank and row["step"] == a.kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    jf.train(model, x[:512], x[512:], steps=a.steps, batch_size=32, lr=1e-2, eval_every=2, eval_batch=48,
-             R_batch=40, progress=False, checkpoint_dir=a.ckpt, checkpoint_every=a.ckpt_every, callback=callback)
+    for _ in range(a.repeat):  # a second call reuses the process group the first one joined
+        jf.train(model, x[:512], x[512:], steps=a.steps, batch_size=32, lr=1e-2, eval_every=2, eval_batch=48,
+                 R_batch=40, progress=False, checkpoint_dir=a.ckpt, checkpoint_every=a.ckpt_every, callback=callback)
     if rank == 0 and a.params:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, a.params)
 

@@ -162,8 +162,9 @@ def test_different_masks_on_ranks_are_caught(tmp_path):
 
 
 def test_block_sparse_model_trains_under_ddp(tmp_path):
-    _ok(_python([SCRIPT, "--sparse", "--params", tmp_path / "one.pt"]))
-    _ok(_torchrun([SCRIPT, "--sparse", "--params", tmp_path / "two.pt"]))
+    # twice in one process: the second jf.train reuses the group the first joined
+    _ok(_python([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "one.pt"]))
+    _ok(_torchrun([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "two.pt"]))
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert any(k.endswith(".values") for k in one)  # the kept blocks are the trained parameters
     _assert_params_close(one, two)

@@ -11,6 +11,7 @@ remaining workers of a failed group.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import hashlib
 import os
@@ -25,7 +26,7 @@ from torch import nn
 
 __all__ = ["DistributedError", "ENV_TIMEOUT", "launched", "active", "rank", "world", "is_main", "local_device",
            "timeout_s", "session", "barrier", "broadcast_object", "all_gather_object", "check_same", "guard",
-           "derive_seed", "shard_seed", "shards", "mine", "structure_digest", "broadcast_masks"]
+           "join", "derive_seed", "shard_seed", "shards", "mine", "structure_digest", "broadcast_masks"]
 
 ENV_TIMEOUT = "JSP_FAST_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -111,12 +112,31 @@ def _init() -> None:
                                f"{_first_line(exc)}") from exc
 
 
+def join() -> bool:
+    """Join the process group torchrun describes, if launched by it and none exists yet; True if
+    this call made it. The group then stays for the rest of the process and is left at exit: in a
+    torchrun worker a second group made after destroying the first cannot connect (the rendezvous
+    store still holds the first one's addresses), so ``jf.train`` called twice must reuse it."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return False
+    _init()
+    atexit.register(_leave)
+    return True
+
+
+def _leave() -> None:
+    if dist.is_available() and dist.is_initialized():
+        with suppress(Exception):  # a broken group must not turn a clean exit into an error
+            dist.destroy_process_group()
+
+
 @contextmanager
 def session() -> Iterator[bool]:
     """Join the process group torchrun describes (if launched by it and none exists yet) for the
     duration of the block, and leave it afterwards; yields whether this block made the group.
 
-    A group that already exists (the caller's) is used and left alone.
+    A group that already exists (the caller's) is used and left alone. For a command that is the
+    whole process (``jsp-fast train`` ...); library code calls ``join``.
     """
     own = launched() and not (dist.is_available() and dist.is_initialized())
     if own:

@@ -413,8 +413,8 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
         max_grad_norm: clip the gradient norm (off by default).
         callback: called with each logged row (on every rank of a distributed run; the rows agree).
         distributed: ``None`` (default) trains with DistributedDataParallel when launched by torchrun
-            with more than one process (joining the process group it describes if none exists, and
-            leaving it at the end) and alone otherwise; ``False`` trains this process alone even
+            with more than one process (joining the process group it describes if none exists; it is
+            left at exit) and alone otherwise; ``False`` trains this process alone even
             inside a process group; ``True`` requires torchrun. Each rank takes ``batch_size / W`` rows
             of the single-process minibatch, rank 0 writes the checkpoints, and with the exact trace
             and a fixed-step solver the run matches the single-process one up to float rounding
@@ -432,8 +432,9 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     use_ddp = _wants_ddp(distributed)
 
-    with _dist.session() if use_ddp else nullcontext(), \
-            _dist.guard("training") if use_ddp else nullcontext(), \
+    if use_ddp:
+        _dist.join()  # launched by torchrun without a group yet: make it (kept until exit)
+    with _dist.guard("training") if use_ddp else nullcontext(), \
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(o.seed)
         start, t_spent = 0, 0.0
