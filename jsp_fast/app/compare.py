@@ -23,8 +23,9 @@ from .._io import atomic_write_json, atomic_write_text
 from ..cnf import ACTIVATIONS, CNF, SOLVERS, TRACES
 from ..data import get as get_data
 from ..prune import METHODS, prune
-from ..training import History, train
+from ..training import History, _dist, train
 from . import _common
+from ._distributed import distributed
 from ._args import UsageError, names, nonneg_float, nonneg_int, pos_float, pos_int, pos_ints, sparsities
 from ._args import block as block_shape
 from ._args import nonneg_ints
@@ -180,9 +181,10 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     bits_per_dim = getattr(ds, "bits_per_dim", None)
     # Every option is passed by name: one train() does not take fails here, loudly, instead of
     # being dropped while the record's settings still claim it.
+    # distributed=False: under torchrun each rank trains its own runs of the grid, alone.
     hist = train(model, ds.train, ds.val, steps=args.steps, batch_size=args.batch_size, lr=args.lr, reg=reg,
                  eval_every=args.eval_every, seed=seed, progress=False, R_every=args.R_every,
-                 bits_per_dim=bits_per_dim)
+                 bits_per_dim=bits_per_dim, distributed=False)
     t2 = time.perf_counter()
     record["history"] = curves(hist)
     record.update(_evaluate(model, ds.test[: args.n_test], args.eval_tol, bits_per_dim))
@@ -196,6 +198,25 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
 
 
 # -- the whole comparison --------------------------------------------------------------------------
+def _plan_on_rank0(args, plan: list, runs: Path, meta_path: Path, command: str) -> list:
+    """The runs still to do, decided once by rank 0 (before any rank writes a record) and shared;
+    a stale-settings error reaches every rank."""
+    todo, err = None, None
+    if _dist.is_main():
+        try:
+            todo = _todo(plan, runs, _settings(args))  # refuses changed settings before anything is written
+        except UsageError as exc:
+            err = str(exc)
+        else:
+            atomic_write_text(meta_path, command + "\n")
+        if todo is not None and len(todo) < len(plan):
+            print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
+    todo, err = _dist.broadcast_object((todo, err))
+    if err is not None:
+        raise UsageError(err)
+    return todo
+
+
 def _plan(args) -> list[tuple[str, float | None, int]]:
     """Every (method, sparsity, seed) to run: the references first, then the grid."""
     plan = [] if args.no_references else [(r, None, s) for s in args.seeds for r in REFERENCES]
@@ -255,7 +276,7 @@ def _run_all(args, todo: list, runs: Path) -> dict[str, str]:
     """Run and store each planned run; {name: error} of those that failed (the others go on)."""
     from tqdm import tqdm
     failed = {}
-    bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run")
+    bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run", disable=not _dist.is_main())
     for method, sp, seed in bar:
         name = run_name(method, sp, seed)
         bar.set_postfix_str(name)
@@ -271,8 +292,12 @@ def _run_all(args, todo: list, runs: Path) -> dict[str, str]:
     return failed
 
 
+@distributed
 def run(args) -> int:
-    """Run what is missing of the comparison, then rebuild the report; 1 if a run failed."""
+    """Run what is missing of the comparison, then rebuild the report; 1 if a run failed.
+
+    Under torchrun rank ``r`` of ``W`` runs the missing runs ``r, r + W, ...`` and rank 0 writes the
+    report once all ranks are done."""
     _common.set_threads(args.threads)
     out = Path(args.out or f"compare-{args.dataset}")
     runs = out / "runs"
@@ -286,18 +311,23 @@ def run(args) -> int:
     else:
         plan = _plan(args)
         _validate(args)
-        _common.prepare_out(out)
-        _common.prepare_out(runs)
-        todo = _todo(plan, runs, _settings(args))  # refuses changed settings before anything is written
+        if _dist.is_main():
+            _common.prepare_out(out)
+            _common.prepare_out(runs)
         command = _common.command_line(args)
-        atomic_write_text(meta_path, command + "\n")
-        if len(todo) < len(plan):
-            print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
-        failed = _run_all(args, todo, runs)
-        if failed:
-            atomic_write_json(failed_path, failed)
-        elif failed_path.exists():
-            failed_path.unlink()
+        todo = _plan_on_rank0(args, plan, runs, meta_path, command)
+        failed = _run_all(args, _dist.mine(todo), runs)
+        if _dist.active():  # every rank's failures, in plan order; also waits for all ranks
+            order = {run_name(*p): i for i, p in enumerate(todo)}
+            merged = {k: v for part in _dist.all_gather_object(failed) for k, v in part.items()}
+            failed = dict(sorted(merged.items(), key=lambda kv: order[kv[0]]))
+        if _dist.is_main():
+            if failed:
+                atomic_write_json(failed_path, failed)
+            elif failed_path.exists():
+                failed_path.unlink()
+    if not _dist.is_main():
+        return 1 if failed else 0
     records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
     print(f"report: {write_report(out, records, command, failed)}")
     if failed:

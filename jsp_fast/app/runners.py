@@ -14,10 +14,11 @@ import torch
 from .._io import atomic_write_json
 from ..data import digits
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError
+from ..training import _dist, exists, train
 from ..training import checkpoint as ckpt
-from ..training import exists, train
 from . import _common as c
 from . import plots
+from ._distributed import distributed, prune_once
 from ._args import UsageError, nonneg_float, nonneg_int, pos_float, pos_int
 
 __all__ = ["train_args", "cmd_train", "sample_args", "cmd_sample", "eval_args", "cmd_eval"]
@@ -108,21 +109,24 @@ def _masks_from(last: Path, model) -> None:
             mine.set_mask(m.mask)
 
 
+@distributed
 def cmd_train(args) -> int:
     """Train (optionally prune first) and checkpoint; resumes from OUT/last."""
     c.set_threads(args.threads)
-    device = c.device(args.device)
+    device = _dist.local_device(c.device(args.device))
+    main = _dist.is_main()  # under torchrun: rank 0 prunes, prints and writes; all ranks train
     ds = c.dataset(args.dataset, args.n, args.root, args.data_seed)
     train_x, val_x = c.split(ds, "train").to(device), c.split(ds, "val")[: args.val_max].to(device)
     out = Path(args.out)
     c.prepare_out(out)
     last = out / "last"
     _check_run_dir(out, last)
-    if args.no_resume:
+    if args.no_resume and main:
         try:
             ckpt.discard(last)
         except (ConfigError, OSError) as exc:
             raise UsageError(f"--no-resume: {exc}") from None
+    _dist.barrier()
     resuming = not args.no_resume and exists(last)
     torch.manual_seed(args.seed)
     model = c.build_model(args, ds.dim).to(device)
@@ -132,20 +136,21 @@ def cmd_train(args) -> int:
         if diffs and not args.resume_anyway:
             raise UsageError(f"cannot resume from {last}: {'; '.join(diffs)} (use --resume-anyway, --no-resume "
                              f"or another --out)")
-        print(f"resuming from {last}", file=sys.stderr)
+        if main:
+            print(f"resuming from {last}", file=sys.stderr)
         try:
             _masks_from(last, model)
         except CheckpointError as exc:
             raise UsageError(f"{exc} (use --no-resume to start over)") from None
     else:
-        pruned = c.maybe_prune(args, model, train_x, args.seed)
-        if pruned:
+        pruned = prune_once(args, model, train_x)
+        if pruned and main:
             note = c.block_note(pruned)
             print(f"pruned with {pruned['method']}: kept {pruned['kept']}/{pruned['total']} field weights"
                   + (f"; {note}" if note else ""), file=sys.stderr)
     info = {"dataset": ds.name, "n": args.n, "seed": args.data_seed, "root": args.root, "prune": pruned,
             "command": c.command_line(args)}
-    if not resuming or not (out / c.RUN_FILE).exists():
+    if main and (not resuming or not (out / c.RUN_FILE).exists()):
         atomic_write_json(out / c.RUN_FILE, info)
     reg = {k: v for k, v in (("kinetic", args.reg_kinetic), ("jacobian", args.reg_jacobian)) if v > 0} or None
     try:
@@ -160,6 +165,8 @@ def cmd_train(args) -> int:
                          f"--resume-anyway, --no-resume or another --out") from None
     except CheckpointError as exc:
         raise UsageError(f"{exc} (use --no-resume to start over)") from None
+    if not main:
+        return 0
     hist.to_json(out / "history.json")
     note = c.block_note(pruned or c.run_info(out).get("prune"))
     r = hist[-1]
@@ -183,6 +190,10 @@ def sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=pos_int, default=1000, help="number of samples")
     p.add_argument("--seed", type=nonneg_int, default=0, help="sampling seed")
     p.add_argument("--out", required=True, help="output file: .npy (the samples) or .png (a plot)")
+    p.add_argument("--shard-size", type=pos_int, default=10_000,
+                   help="samples are drawn in shards of this size, shard i from a seed derived from --seed "
+                        "and i (shard 0 from --seed itself); under torchrun the shards are dealt over the "
+                        "ranks, so the result does not depend on the number of processes (default %(default)s)")
     p.add_argument("--rtol", type=pos_float, default=None, help="solver rtol (default: the checkpoint's)")
     p.add_argument("--atol", type=pos_float, default=None, help="solver atol (default: the checkpoint's)")
     p.add_argument("--fast", action="store_true", help="sparsify the pruned field (jf.sparsify): block-sparse kernels")
@@ -190,11 +201,12 @@ def sample_args(p: argparse.ArgumentParser) -> None:
     c.add_common(p)
 
 
+@distributed
 def cmd_sample(args) -> int:
     """Draw samples from a checkpoint into .npy or .png."""
     c.set_threads(args.threads)
     out = c.check_out_file(args.out, "--out", (".npy", ".png"))
-    model, path = c.load_checkpoint(args.checkpoint, c.device(args.device))
+    model, path = c.load_checkpoint(args.checkpoint, _dist.local_device(c.device(args.device)))
     side = int(round(math.sqrt(model.dim)))
     if out.suffix.lower() == ".png" and model.dim != 2 and side * side != model.dim:
         raise UsageError(f"--out {out}: cannot plot {model.dim}-dimensional samples; use a .npy output")
@@ -204,16 +216,29 @@ def cmd_sample(args) -> int:
     if args.atol:
         model.atol = args.atol
     t = time.perf_counter()
-    x = model.sample(args.n, seed=args.seed)
+    x, nfe = _sample_shards(model, args.n, args.seed, args.shard_size)
     dt = time.perf_counter() - t
+    if not _dist.is_main():
+        return 0
     if out.suffix.lower() == ".npy":
         np.save(out, x.detach().cpu().numpy())
     elif model.dim == 2:
         plots.scatter_png(out, x, c.toy_lim(x), f"{args.n} samples", "tab:orange")
     else:
         _images_png(out, x, model.dim, c.run_info(path), args.n)
-    print(f"{args.n} samples, NFE {model.nfe['forward']}, {dt:.2f} s -> {out}")
+    print(f"{args.n} samples, NFE {nfe}, {dt:.2f} s -> {out}")
     return 0
+
+
+def _sample_shards(model, n: int, seed: int, size: int) -> tuple[torch.Tensor | None, int]:
+    """The ``n`` samples, drawn shard by shard (this rank's shards; gathered in shard order on rank
+    0, None elsewhere), and the largest forward NFE of a shard."""
+    done = [(i, model.sample(b - a, seed=_dist.shard_seed(seed, i)).cpu(), model.nfe["forward"])
+            for i, a, b in _dist.mine(_dist.shards(n, size))]
+    if _dist.active():
+        done = [d for part in _dist.all_gather_object(done) for d in part]
+    done.sort(key=lambda d: d[0])
+    return torch.cat([d[1] for d in done]), max(d[2] for d in done)
 
 
 def _images_png(out: Path, x: torch.Tensor, dim: int, info: dict, n: int) -> None:
@@ -240,12 +265,13 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     c.add_common(p)
 
 
+@distributed
 def cmd_eval(args) -> int:
     """NLL (nats, bits/dim where defined), NFE and R of a checkpoint on a dataset split."""
     c.set_threads(args.threads)
     if args.json is not None:
         c.check_out_file(args.json, "--json")
-    device = c.device(args.device)
+    device = _dist.local_device(c.device(args.device))
     model, path = c.load_checkpoint(args.checkpoint, device)
     model = c.fast(model) if args.fast else model
     info = c.run_info(path)
@@ -265,6 +291,8 @@ def cmd_eval(args) -> int:
     t = time.perf_counter()
     res = {"checkpoint": str(path), "dataset": ds.name, "split": args.split, "data_seed": seed, "n": x.shape[0],
            **_eval_sums(model, x, ds, args, device), "tol": args.tol, "seconds": time.perf_counter() - t}
+    if not _dist.is_main():
+        return 0
     if ds.log_prob is not None:
         res["true_nll"] = float(-ds.log_prob(x).double().mean())
         res["nll_gap"] = res["nll"] - res["true_nll"]
@@ -280,21 +308,30 @@ def cmd_eval(args) -> int:
 
 
 def _eval_sums(model, x: torch.Tensor, ds, args, device) -> dict:
-    """Mean NLL, bits/dim, R and forward NFE over ``x`` in batches, under a fixed noise seed."""
+    """Mean NLL, bits/dim, R and forward NFE over ``x`` in batches, batch ``i``'s noise seeded from
+    ``(--seed, i)`` (batch 0 from --seed itself). Under torchrun the batches are dealt over the ranks
+    and their sums added in batch order, so the result does not depend on the number of processes."""
     from tqdm.auto import tqdm
+    parts = []
+    mine = _dist.mine(_dist.shards(x.shape[0], args.batch_size))
+    with torch.random.fork_rng(), torch.no_grad():
+        for i, a, b in tqdm(mine, desc=f"eval {ds.name}/{args.split}", unit="batch",
+                            disable=args.no_progress or not _dist.is_main()):
+            torch.manual_seed(_dist.shard_seed(args.seed, i))
+            chunk = x[a:b].to(device)
+            logp, stats = model.log_prob(chunk, return_stats=True)
+            bpd_i = float(ds.bits_per_dim(logp, chunk).double().sum()) if ds.bits_per_dim is not None else 0.0
+            parts.append((i, float(logp.double().sum()), float(stats["R"].double().sum()), model.nfe["forward"],
+                          bpd_i))
+    if _dist.active():
+        parts = [p for rank_parts in _dist.all_gather_object(parts) for p in rank_parts]
     nll = bpd = R = 0.0
     nfe = []
-    with torch.random.fork_rng(), torch.no_grad():
-        torch.manual_seed(args.seed)
-        for i in tqdm(range(0, x.shape[0], args.batch_size), desc=f"eval {ds.name}/{args.split}", unit="batch",
-                      disable=args.no_progress):
-            chunk = x[i:i + args.batch_size].to(device)
-            logp, stats = model.log_prob(chunk, return_stats=True)
-            nll -= float(logp.double().sum())
-            R += float(stats["R"].double().sum())
-            nfe.append(model.nfe["forward"])
-            if ds.bits_per_dim is not None:
-                bpd += float(ds.bits_per_dim(logp, chunk).double().sum())
+    for _, logp_sum, R_sum, nfe_i, bpd_i in sorted(parts, key=lambda p: p[0]):
+        nll -= logp_sum
+        R += R_sum
+        nfe.append(nfe_i)
+        bpd += bpd_i
     n = x.shape[0]
     return {"nll": nll / n, "bits_per_dim": bpd / n if ds.bits_per_dim is not None else None, "R": R / n,
             "nfe_forward_mean": sum(nfe) / len(nfe)}

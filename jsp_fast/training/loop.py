@@ -13,13 +13,18 @@ saved in every checkpoint. A run resumed from a checkpoint therefore ends with t
 as an uninterrupted one (same thread count, same machine). The caller's global RNG is untouched.
 The order of everything that draws from that RNG (step 0's evaluation, each step's training solve,
 then its ``R``/validation solves) is part of this contract.
+
+Under torchrun (more than one process) the same function trains with DistributedDataParallel; what
+changes and what stays equal to the single-process run is described in ``_ddp``.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -29,7 +34,9 @@ from torch import nn
 
 from .._device import check_device
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError
+from . import _dist
 from . import checkpoint as ckpt
+from ._ddp import DDPRun
 from .history import History
 
 __all__ = ["train", "REG_KEYS", "CHECKPOINT_NAME", "RESUME_MODES"]
@@ -346,7 +353,8 @@ class _Loop:
     """One training run's state; ``run(start)`` does steps ``start + 1 .. steps``."""
 
     def __init__(self, model, opt, params, train, val, o: _Options, history: History, settings: dict,
-                 ckpt_path: Path | None, device: torch.device, callback):
+                 ckpt_path: Path | None, device: torch.device, callback, ddp: DDPRun | None = None):
+        self.ddp = ddp  # None: this process alone; else its rank's share of a DDP run
         self.model, self.opt, self.params, self.train, self.val = model, opt, params, train, val
         self.o, self.history, self.settings, self.ckpt_path, self.device = o, history, settings, ckpt_path, device
         self.callback = callback
@@ -376,13 +384,17 @@ class _Loop:
 
     def _step(self, step: int) -> dict:
         """One optimizer step on minibatch ``step - 1``; its log row."""
-        model, o = self.model, self.o
-        x = self.train[self.batches.indices(step - 1).to(self.train.device)]
+        model, o, ddp = self.model, self.o, self.ddp
+        idx = self.batches.indices(step - 1)
+        if ddp is not None:
+            idx = ddp.local_indices(idx, step)
+        x = self.train[idx.to(self.train.device)]
         model.train()
+        log_prob = model.log_prob if ddp is None else ddp.log_prob
         if o.reg:
-            logp, stats = model.log_prob(x, return_stats=True)
+            logp, stats = log_prob(x, return_stats=True)
         else:
-            logp, stats = model.log_prob(x), None
+            logp, stats = log_prob(x), None
         nll = -logp.mean()
         loss = nll
         if stats is not None:
@@ -409,7 +421,7 @@ class _Loop:
             row["train_R"] = float(stats["R"].detach().mean())
             for k in REG_KEYS:
                 row[k] = float(stats[k].detach().mean())
-        return row
+        return row if ddp is None else ddp.reduce(row)
 
     def _evaluate(self, row: dict, step: int) -> dict:
         """Add ``R`` (every ``R_every`` steps) and the validation NLL (every ``eval_every``) to ``row``."""
@@ -417,6 +429,11 @@ class _Loop:
         was = model.training
         model.eval()
         try:
+            if self.ddp is not None:
+                return self.ddp.evaluate(
+                    model, row, step, self.r_x, self.val, do_R=bool(o.R_every) and step % o.R_every == 0,
+                    do_val=self.val is not None and (step % o.eval_every == 0 or step == o.steps),
+                    eval_batch=o.eval_batch, bits_per_dim=o.bits_per_dim)
             if o.R_every and step % o.R_every == 0:
                 row["R"], row["R_nfe"] = _measure_R(model, self.r_x)
             if self.val is not None and (step % o.eval_every == 0 or step == o.steps):
@@ -433,7 +450,14 @@ class _Loop:
 
     def _save(self, step: int) -> None:
         extra = {"step": step, "settings": self.settings, **_rng_states(self.device)}
-        ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+        if self.ddp is None:
+            ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+            return
+        # Rank 0 writes (atomically); the others wait, so no rank runs ahead of the last good
+        # checkpoint and a resume finds it complete.
+        if self.ddp.is_main:
+            ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+        _dist.barrier()
 
 
 def _progress_bar(start: int, steps: int):
@@ -456,13 +480,24 @@ def _model_config(model) -> dict[str, Any] | None:
         return None
 
 
+def _wants_ddp(distributed: bool | None) -> bool:
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    if distributed is False:
+        return False
+    if distributed is True and not (_dist.launched() or _dist.active()):
+        raise ValueError("distributed=True needs several processes: launch with torchrun --nproc-per-node N "
+                         "(WORLD_SIZE is unset or 1 here)")
+    return _dist.launched() or _dist.active()
+
+
 def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None, steps: int = 1000,
           batch_size: int = 256, lr: float = 1e-3, reg: dict | None = None, eval_every: int = 100,
           seed: int = 0, weight_decay: float = 0.0, bits_per_dim: Callable | None = None,
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           resume: bool | str = "must-match", progress: bool = True, R_batch: int = 128, R_every: int = 1,
           eval_batch: int = 2048, max_grad_norm: float | None = None,
-          callback: Callable[[dict], None] | None = None) -> History:
+          callback: Callable[[dict], None] | None = None, distributed: bool | None = None) -> History:
     """Train ``model`` (a ``jf.CNF``) by maximum likelihood with Adam; returns a ``History``.
 
     Args:
@@ -491,7 +526,14 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
             ``R = mean ∫‖J‖_F dt`` is measured, every ``R_every`` steps (0 disables).
         eval_batch: chunk size of the validation pass.
         max_grad_norm: clip the gradient norm (off by default).
-        callback: called with each logged row.
+        callback: called with each logged row (on every rank of a distributed run; the rows agree).
+        distributed: ``None`` (default) trains with DistributedDataParallel when launched by torchrun
+            with more than one process (joining the process group it describes if none exists; it is
+            left at exit) and alone otherwise; ``False`` trains this process alone even
+            inside a process group; ``True`` requires torchrun. Each rank takes ``batch_size / W`` rows
+            of the single-process minibatch, rank 0 writes the checkpoints, and with the exact trace
+            and a fixed-step solver the run matches the single-process one up to float rounding
+            (Hutchinson noise is drawn per rank; see ``jsp_fast.training._ddp``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "log_prob"):
         raise TypeError(f"model must be a jf.CNF (an nn.Module with log_prob), got {type(model).__name__}")
@@ -506,17 +548,33 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
             raise TypeError(f"checkpoint_dir must be a str or Path, got {type(checkpoint_dir).__name__}")
         ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
         ckpt.check_target(ckpt_path)  # now, not at the first save after minutes of training
-        ckpt.clean_stale(ckpt_path)
+        if int(os.environ.get("RANK", "0")) == 0:  # the writer's leftovers; other nodes' pids are not ours to judge
+            ckpt.clean_stale(ckpt_path)
     opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     settings = o.settings(train, val)
     history = History(meta={"settings": settings, "model": _model_config(model)})
+    use_ddp = _wants_ddp(distributed)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    if use_ddp:
+        _dist.join()  # launched by torchrun without a group yet: make it (kept until exit)
+    with _dist.guard("training") if use_ddp else nullcontext(), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(o.seed)
         start, t_spent = 0, 0.0
         if ckpt_path is not None and mode is not None and ckpt.exists(ckpt_path):
             start, t_spent = _resume(ckpt_path, model, opt, history, settings, device, mode)
         model.apply_masks_()
-        loop = _Loop(model, opt, params, train, val, o, history, settings, ckpt_path, device, callback)
-        loop.run(start, t_spent, progress)
+        ddp = None
+        if use_ddp and _dist.active():
+            DDPRun.agree_on_start(start, ckpt_path)
+            ddp = DDPRun(model, o.seed, o.batch_size, device)
+            progress = progress and ddp.is_main
+        loop = _Loop(model, opt, params, train, val, o, history, settings, ckpt_path, device, callback, ddp)
+        try:
+            loop.run(start, t_spent, progress)
+            if ddp is not None:
+                ddp.check_masks(model, "after training")
+        finally:
+            if ddp is not None:
+                ddp.close()  # DDP's reducer must go before its process group does
     return history
