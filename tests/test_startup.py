@@ -40,7 +40,7 @@ def test_import_jsp_fast_is_free():
 
 
 PUBLIC = ["CNF", "SolverError", "prune", "remove_pruning", "data", "train", "save", "load", "sparse", "ops",
-          "backends", "sparsify"]
+          "backends", "sparsify", "errors"]
 
 
 def test_lazy_root_serves_every_public_name():
@@ -55,8 +55,7 @@ def test_lazy_root_serves_every_public_name():
     assert jf.cnf.CNF is jf.CNF and jf.training.train is jf.train  # subpackages, as the eager root had them
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         jf.nope  # noqa: B018
-    if (Path(jf.__file__).parent / "errors.py").exists():  # jsp_fast.errors comes with the hardening work
-        assert jf.errors.__name__ == "jsp_fast.errors"
+    assert jf.errors.__name__ == "jsp_fast.errors"
 
 
 def test_jf_prune_stays_the_function_when_the_subpackage_loads_first():
