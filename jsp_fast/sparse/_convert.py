@@ -34,6 +34,7 @@ from .. import _act, _linear_mask
 from ..cnf._layers import ConcatSquashLinear, ODEnet
 from ._field import BlockSparseConcatSquash, SparseODEnet
 from ._modules import BlockSparseLinear, under_func_transform
+from ._ops import bsr_linear
 from .plan import BLOCK_CANDIDATES, as_block, infer_block, is_block_aligned
 
 __all__ = ["LayerReport", "SparsifyReport", "MaskedLinear", "SplitBlockLinear", "ConcatSquashBlock",
@@ -138,8 +139,11 @@ class SplitBlockLinear(nn.Module):
     """``act(x[:, main] W_mainᵀ + x[:, edge] W_edgeᵀ + b)``: the block-aligned columns run block-sparse,
     a narrow edge of ``r < bk`` columns (e.g. a concatenated time) a dense (masked) product.
 
-    The activation is applied after the sum, not in the kernel: the edge term is per row, and the
-    kernel's epilogue only takes per-output vectors.
+    The edge term is per row, and the kernel's epilogue only takes per-output vectors, so in general
+    the activation runs after the sum. When the edge columns hold the same values in every row (a
+    concatenated ``t``) and no gradient is needed, the edge term *is* a per-output vector: it joins the
+    bias and the activation is fused. Checked per call on the CPU only (on a GPU the check would
+    synchronise the device every evaluation).
     """
 
     def __init__(self, lin: nn.Linear, mask: torch.Tensor, block, main: tuple[int, int], activation: str,
@@ -167,7 +171,14 @@ class SplitBlockLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (a, b), (e0, e1) = self.main_cols, self.edge_cols
-        pre = self.main(x[..., a:b]) + self.edge(x[..., e0:e1])
+        xe = x[..., e0:e1]
+        if (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] > 0 and not under_func_transform(x)
+                and not (torch.is_grad_enabled() and x.requires_grad) and torch.equal(xe, xe[:1].expand_as(xe))):
+            main = self.main
+            shift = self.edge(xe[:1]).reshape(-1)
+            bias = shift if main.bias is None else main.bias + shift
+            return bsr_linear(x[:, a:b], main.weight, None, bias, self.activation, backend=main.backend)
+        pre = self.main(x[..., a:b]) + self.edge(xe)
         return _act.apply(self.activation, pre)
 
     def extra_repr(self) -> str:
@@ -405,7 +416,8 @@ class _Converter:
         rep.reason = (f"columns {a}:{b} block-sparse, the other {lin.in_features - (b - a)} dense "
                       f"(e.g. a concatenated t)")
         if kernel_act is not None:
-            rep.reason += f"; {kernel_act} applied after the sum (the edge term is per row)"
+            rep.reason += (f"; {kernel_act} fused when the edge columns are equal in every row and no "
+                           f"gradient is needed (CPU), else applied after the sum")
         return SplitBlockLinear(lin, mask, block, (a, b), kernel_act or "none", self.backend), kernel_act is not None
 
     # -- concatsquash layers and fields ----------------------------------------------------------------
