@@ -41,6 +41,10 @@ __all__ = ["LayerReport", "SparsifyReport", "MaskedLinear", "SplitBlockLinear", 
            "convert_module", "check_masks"]
 
 
+NOT_ALIGNED = ("mask is not block-aligned (blocks tried: 64x64 down to 8x8; pass block= for a mask built "
+               "with another block)")
+
+
 # ---- the report --------------------------------------------------------------------------------------
 @dataclass
 class LayerReport:
@@ -400,7 +404,7 @@ class _Converter:
         plan = self._plan(q, mask)
         if plan is None:
             rep.kind = "masked dense"
-            rep.reason = "mask is not block-aligned" if self.block is None else (
+            rep.reason = NOT_ALIGNED if self.block is None else (
                 f"layer smaller than the block {self.block[0]}x{self.block[1]}")
             return MaskedLinear.from_linear(lin, mask), False
         block, (a, b) = plan
@@ -516,7 +520,7 @@ class _Converter:
             except Exception:  # noqa: BLE001 - another signature: not a field of this kind
                 ok = False
             if ok:
-                return net, layer_names, [("linear", "hyper_gate", "hyper_bias")] * len(layers)
+                return net, layer_names, parts  # the user's part names: the masks are named by them
         self.report.notes.append(f"{q or '<module>'} has the structure of a concatsquash field but its forward "
                                  f"matched none of the activations {cands}; its layers were converted one by one")
         return None
