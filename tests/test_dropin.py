@@ -380,7 +380,7 @@ def test_prune_user_field_both_formats(method):
     x = z_(24, 4)
     jf_model, torch_model = fresh(), fresh()
     assert list(jf_model.prunable_parameters()) == ["net.mlp.0.weight", "net.mlp.2.weight", "net.mlp.4.weight"]
-    kw = dict(data=x, granularity="block", block=(4, 4), seed=1)
+    kw = dict(data=x, granularity="block", block=(4, 4), scope="layer", seed=1)  # every layer pruned
     r1 = jf.prune(jf_model, method, 0.6, **kw)
     r2 = jf.prune(torch_model, method, 0.6, as_torch_prune=True, **kw)
     for name in r1.masks:
@@ -393,6 +393,10 @@ def test_prune_user_field_both_formats(method):
     a, b = jf.sparsify(jf_model, block=4), jf.sparsify(torch_model, block=4)  # 4x4: below the inferred sizes
     assert isinstance(a.net.mlp[2], BlockSparseLinear) and isinstance(b.net.mlp[2], BlockSparseLinear)
     torch.testing.assert_close(a.net.mlp[2].values, b.net.mlp[2].values, rtol=0, atol=0)
+    # Linear(4 + 1, 16) on cat([z, t]): blocks over the 4 state columns, the time column kept whole.
+    m0 = r1.masks["net.mlp.0.weight"]
+    assert m0[:, -1].all() and not m0[:, :-1].all() and "concatenated t" in r1.fallback["net.mlp.0.weight"]
+    assert isinstance(a.net.mlp[0], SplitBlockLinear) and a.net.mlp[0].edge_cols == (4, 5)
     assert a.sparsify_report.converted["net.mlp.2"].mask_source == "jf.prune"
     assert b.sparsify_report.converted["net.mlp.2"].mask_source == "torch.nn.utils.prune"
 
