@@ -4,7 +4,8 @@
 
 One group per (dataset, sparsity, op); providers: ``dense`` (masked dense CNF, eager), ``compiled``
 (its field's forward/jvp under torch.compile; the compile happens in the untimed warm-up), ``sparse``
-(``jf.sparsify``: one fused C++ call per field evaluation). Same solver, tolerance and Hutchinson
+(``jf.sparsify`` with ``net.native = False``: torchdiffeq around one fused C++ call per field
+evaluation), ``native`` (``jf.sparsify`` as it runs by default: the whole solve in one native call). Same solver, tolerance and Hutchinson
 noise for all; ``extra_info`` carries the NFE and the largest log-density difference from dense.
 The full sweep (80/90/95%) with a markdown table is ``jsp-fast bench e2e``. Built on the public API
 only (jf.data, jf.CNF, jf.prune, jf.sparsify).
@@ -20,7 +21,7 @@ import torch
 import jsp_fast as jf
 
 SPARSITY = 0.9
-PROVIDERS = ("dense", "compiled", "sparse")
+PROVIDERS = ("dense", "compiled", "sparse", "native")
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,10 @@ def _models(name: str):
         dense = jf.CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, rtol=1e-5, atol=1e-5)
         res = jf.prune(dense, "jsp", SPARSITY, data=x[:256], granularity="block", block=setup.block)
         dense.eval()
-        _CACHE[name] = {"setup": setup, "x": x, "dense": dense, "sparse": jf.sparsify(dense), "compiled": None,
+        stepped = jf.sparsify(dense)
+        stepped.net.native = False  # torchdiffeq steps around the fused field
+        _CACHE[name] = {"setup": setup, "x": x, "dense": dense, "sparse": stepped, "native": jf.sparsify(dense),
+                        "compiled": None,
                         "density": res.overall_density}
     return _CACHE[name]
 

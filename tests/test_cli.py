@@ -51,15 +51,19 @@ def test_help_for_every_subcommand(capsys):
 
 @pytest.mark.parametrize("module", ["compare", "bench"])
 def test_a_broken_subcommand_fails_loudly(module):
-    """A subcommand module that cannot be imported is an error of the whole command (it used to be
-    skipped silently, so `jsp-fast --help` simply no longer listed it)."""
-    code = (f"import sys; sys.modules['jsp_fast.app.{module}'] = None\n"
-            "from jsp_fast.app import cli\n"
-            "sys.exit(cli.main(['--help']))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and res.returncode != 2, res.stdout
-    assert "ImportError" in res.stderr or "ModuleNotFoundError" in res.stderr
-    assert f"jsp_fast.app.{module}" in res.stderr
+    """A subcommand module that cannot be imported is an error of its command, with the import error
+    (it used to be skipped silently, so `jsp-fast --help` simply no longer listed it). The list of
+    subcommands is static: a broken module never vanishes from `jsp-fast --help`; running it (or
+    building the full parser) fails."""
+    prelude = f"import sys; sys.modules['jsp_fast.app.{module}'] = None\nfrom jsp_fast.app import cli\n"
+    for call in (f"sys.exit(cli.main(['{module}', '--help']))", "cli.build_parser()"):
+        res = subprocess.run([sys.executable, "-c", prelude + call], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and res.returncode != 2, res.stdout
+        assert "ImportError" in res.stderr or "ModuleNotFoundError" in res.stderr
+        assert f"jsp_fast.app.{module}" in res.stderr
+    res = subprocess.run([sys.executable, "-c", prelude + "sys.exit(cli.main(['--help']))"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and f"    {module} " in res.stdout
 
 
 def test_no_subcommand_is_an_error(capsys):
@@ -105,6 +109,13 @@ def test_demo_tiny_budget(capsys, tmp_path):
     code, _, err = run(capsys, "sample", "--checkpoint", out / "checkpoint", "--n", 50, "--out", tmp_path / "s.npy")
     assert code == 0, err
     assert np.load(tmp_path / "s.npy").shape == (50, 2)
+    # eval of the demo directory reads the demo's own test points: the same NLL as metrics.json.
+    code, stdout, err = run(capsys, "eval", "--checkpoint", out, "--json", tmp_path / "e.json", "--no-progress")
+    assert code == 0, err
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["split"] == "test" and e["n"] == m["test_points"] == 200
+    assert abs(e["nll"] - m["test_nll"]) < 1e-4
+    assert "test split" in m["test_set"] and "8gaussians/test (200 points" in stdout
 
 
 def test_train_resume_sample_eval(capsys, tmp_path):

@@ -240,3 +240,156 @@ def test_hutchinson_log_prob_is_unbiased_through_the_solver():
     exact = m.log_prob(x[:1])
     se = est.std() / math.sqrt(len(est))
     assert se > 0 and (est.mean() - exact).abs() < 4 * se
+
+
+# ---- chunked solves (batch_size=) ----------------------------------------------------------------
+class _RowSpy(_Spy):
+    """Also records the largest batch the field was called with."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.rows = 0
+
+    def forward(self, t, z):
+        self.rows = max(self.rows, z.shape[0])
+        return super().forward(t, z)
+
+    def jvp(self, t, z, v):
+        self.rows = max(self.rows, z.shape[0])
+        return super().jvp(t, z, v)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_chunked_equals_one_chunk_fixed_step(trace):
+    """rk4: each point's result depends on that point only; Hutchinson noise is drawn once for all
+    points, so any chunking gives the one-chunk answer (float64: to rounding of the products)."""
+    torch.manual_seed(10)
+    m = jf.CNF(2, hidden=(16, 16), trace=trace, solver="rk4", options={"step_size": 0.25}).double()
+    x = torch.randn(203, 2, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        ref, ref_stats = m.log_prob(x, return_stats=True, batch_size=203)
+        for bs in (1, 7, 64, 202, 500):
+            torch.manual_seed(11)
+            got, stats = m.log_prob(x, return_stats=True, batch_size=bs)
+            torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+            for k in ref_stats:
+                torch.testing.assert_close(stats[k], ref_stats[k], rtol=1e-13, atol=1e-13)
+        z = m.transform(x)
+        for bs in (1, 50):
+            torch.testing.assert_close(m.transform(x, batch_size=bs), z, rtol=1e-13, atol=1e-13)
+            torch.testing.assert_close(m.inverse(z, batch_size=bs), m.inverse(z), rtol=1e-13, atol=1e-13)
+    # the noise really differs per point: a different seed changes the Hutchinson estimate
+    if trace == "hutchinson":
+        torch.manual_seed(12)
+        assert not torch.allclose(m.log_prob(x, batch_size=64).detach(), ref)
+
+
+def test_chunked_adaptive_agrees_to_tolerance_and_nfe_is_the_max():
+    torch.manual_seed(13)
+    m = jf.CNF(2, hidden=(32, 32), rtol=1e-7, atol=1e-7).double()
+    x = torch.randn(300, 2, dtype=torch.float64) * 1.5
+    spy = _RowSpy(m.net)
+    m.net = spy
+    with torch.no_grad():
+        ref = m.log_prob(x, batch_size=300)
+        spy.calls, spy.rows = 0, 0
+        got = m.log_prob(x, batch_size=64)
+    assert spy.rows == 64
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # nfe: the largest chunk count, not the sum (5 chunks made spy.calls evaluations in all)
+    assert 0 < m.nfe["forward"] < spy.calls
+
+
+def test_fixed_step_nfe_is_per_solve_and_backward_counts_per_chunk():
+    torch.manual_seed(14)
+    m = jf.CNF(2, hidden=(8,), solver="rk4", options={"step_size": 0.25})
+    spy = _RowSpy(m.net)
+    m.net = spy
+    x = torch.randn(30, 2)
+    m.log_prob(x, batch_size=10).sum().backward()
+    assert spy.calls == 48 and spy.rows == 10  # 3 chunks x 4 steps x 4 stages
+    assert m.nfe == {"forward": 16, "backward": 16}
+
+
+def test_default_chunk_bounds_rows_under_no_grad_only(monkeypatch):
+    import jsp_fast.cnf._cnf as cnf_mod
+
+    torch.manual_seed(15)
+    m = jf.CNF(2, hidden=(8,), solver="euler", options={"step_size": 0.5})
+    spy = _RowSpy(m.net)
+    m.net = spy
+    monkeypatch.setattr(cnf_mod, "MIN_CHUNK", 16)
+    monkeypatch.setattr(cnf_mod, "CHUNK_BYTES", {"cpu": 1})
+    assert m.default_chunk("exact") == 16
+    x = torch.randn(100, 2)
+    with torch.no_grad():
+        lp = m.log_prob(x)
+        assert spy.rows == 16
+        torch.testing.assert_close(m.sample(40, seed=1), m.sample(40, seed=1, batch_size=40))
+    spy.rows = 0
+    lp_grad = m.log_prob(x)  # autograd recording: one chunk (chunking would save nothing)
+    assert spy.rows == 100 and lp_grad.requires_grad
+    torch.testing.assert_close(lp_grad.detach(), lp, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_gradients_match():
+    torch.manual_seed(16)
+    m = jf.CNF(2, hidden=(8, 8), solver="rk4", options={"step_size": 0.5}).double()
+    x = torch.randn(40, 2, dtype=torch.float64)
+    grads = []
+    for bs in (None, 7):
+        m.zero_grad()
+        m.log_prob(x, batch_size=bs).sum().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_is_invariant_to_batch_size():
+    torch.manual_seed(17)
+    m = jf.CNF(2, hidden=(16,), solver="rk4", options={"step_size": 0.2}).double()
+    ref = m.sample(257, seed=5)
+    for bs in (1, 16, 100, 1000):
+        torch.testing.assert_close(m.sample(257, seed=5, batch_size=bs), ref, rtol=1e-13, atol=1e-13)
+    ma = jf.CNF(2, hidden=(16,), rtol=1e-7, atol=1e-7).double()
+    torch.testing.assert_close(ma.sample(257, seed=5, batch_size=32), ma.sample(257, seed=5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_empty_batch_gives_empty_results(trace):
+    m = jf.CNF(2, hidden=(8,), trace=trace)
+    x = torch.zeros(0, 2)
+    for ctx in (torch.no_grad(), torch.enable_grad()):
+        with ctx:
+            logp, stats = m.log_prob(x, return_stats=True)
+            assert logp.shape == (0,) and all(v.shape == (0,) for v in stats.values())
+            assert set(stats) == {"R", "kinetic", "jacobian"}
+            assert m.log_prob(x, batch_size=3).shape == (0,)
+            assert m.transform(x).shape == (0, 2) and m.inverse(x).shape == (0, 2)
+            assert m.nfe == {"forward": 0, "backward": 0}
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "64", True, torch.tensor(8)])
+def test_bad_batch_size_is_rejected(bad):
+    m = jf.CNF(2, hidden=(8,))
+    x = torch.randn(4, 2)
+    for call in (lambda: m.log_prob(x, batch_size=bad), lambda: m.transform(x, batch_size=bad),
+                 lambda: m.inverse(x, batch_size=bad), lambda: m.sample(4, batch_size=bad)):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            call()
+
+
+@pytest.mark.parametrize("x, err, match", [
+    (torch.randn(5), ValueError, r"shape \[n, 2\]"),
+    (torch.randn(2, 5, 2), ValueError, r"shape \[n, 2\]"),
+    (torch.randn(0, 3), ValueError, r"shape \[n, 2\]"),
+    (torch.tensor([[float("inf"), 0.0]]), ValueError, "NaN or inf"),
+    (torch.zeros(3, 2, dtype=torch.float16), TypeError, "float16 but the model"),
+    ([[0.0, 1.0]], TypeError, "torch.Tensor"),
+])
+def test_bad_points_are_rejected_by_every_solve(x, err, match):
+    m = jf.CNF(2, hidden=(8,))
+    for f in (m.log_prob, m.transform, m.inverse):
+        with pytest.raises(err, match=match):
+            f(x, batch_size=2)

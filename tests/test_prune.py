@@ -238,7 +238,7 @@ def test_bad_inputs():
         jf.prune(model, "random", 0.5, scope="local")
     with pytest.raises(ValueError, match="unknown fallback"):
         jf.prune(model, "random", 0.5, granularity="block", fallback="skip")
-    with pytest.raises(ValueError, match="block must be"):
+    with pytest.raises(ValueError, match="block dims must be positive"):
         jf.prune(model, "random", 0.5, granularity="block", block=(0, 8))
     with pytest.raises(ValueError, match=r"does not divide layer net\.layers\.1\.linear\.weight.*"
                                          r"granularity='unstructured'"):

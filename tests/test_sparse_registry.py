@@ -6,7 +6,6 @@ registered for the test stand in for a GPU where a rule (priority, width limit) 
 """
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -218,32 +217,3 @@ def test_a_missing_backend_raises_instead_of_running_dense(monkeypatch):
 def test_importing_jsp_fast_does_not_import_triton():
     code = "import sys, jsp_fast, jsp_fast.sparse.backends.triton; assert 'triton' not in sys.modules, 'triton'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
-
-
-def _absolute_imports(path: Path, pkg: Path):
-    """``(module, name)`` of every ``from X import name`` in ``path``, X made absolute; ``import X`` as (X, "")."""
-    parts = ["jsp_fast", *path.relative_to(pkg).parts[:-1]]
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            yield from ((a.name, "") for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or "" if node.level == 0 else ".".join(
-                parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            yield from ((base, a.name) for a in node.names)
-
-
-def test_compute_layer_imports_point_down():
-    """No sparse/ or kernels/ module imports the package's public face (``jsp_fast``, ``jsp_fast.ops``,
-    ``jsp_fast.backends``) or takes activations from cnf; kernels import nothing of sparse."""
-    pkg = ROOT / "jsp_fast"
-    public = {"jsp_fast", "jsp_fast.ops", "jsp_fast.backends"}
-    for path in [*(pkg / "sparse").rglob("*.py"), *(pkg / "kernels").rglob("*.py")]:
-        for module, name in _absolute_imports(path, pkg):
-            full = f"{module}.{name}" if module == "jsp_fast" else module
-            assert full not in public and module not in public - {"jsp_fast"}, (path, module, name)
-            if module == "jsp_fast":  # only submodules of the package, never its re-exported names
-                assert (pkg / f"{name}.py").exists() or (pkg / name).is_dir(), (path, name)
-            assert not (module == "jsp_fast.cnf._layers" and name in (
-                "activate", "activation_derivative", "check_activation", "ACTIVATIONS")), (path, name)
-            if path.parent.name == "kernels":
-                assert not module.startswith("jsp_fast.sparse"), (path, module)

@@ -9,10 +9,12 @@ from jsp_fast.app import bench as bc
 
 
 def test_run_e2e_tiny_and_markdown(tmp_path):
-    rows = bc.run_e2e(datasets=("toy",), sparsities=(0.9,), providers=("dense", "sparse"), repeats=1, n=64,
+    provs = ("dense", "sparse", "native")
+    rows = bc.run_e2e(datasets=("toy",), sparsities=(0.9,), providers=provs, repeats=1, n=64,
                       prune_method="random", quiet=True)
-    assert {(r["op"], r["provider"]) for r in rows} == {(o, p) for o in ("sample", "log_prob")
-                                                         for p in ("dense", "sparse")}
+    assert {(r["op"], r["provider"]) for r in rows} == {(o, p) for o in ("sample", "log_prob") for p in provs}
+    nfe = {(r["op"], r["provider"]): r["nfe"] for r in rows}
+    assert all(nfe[(o, "native")] == nfe[(o, "sparse")] for o in ("sample", "log_prob"))
     for r in rows:
         assert r["nfe"] > 0 and r["seconds"] > 0
         assert r["max_abs_diff"] < 1e-3

@@ -141,7 +141,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         jf.train(make(), TRAIN, VAL, checkpoint_dir=tmp_path / "run", callback=die, **kw)
     assert load_checkpoint(tmp_path / "run").extra["step"] == 3
 
-    fresh = _model(seed=123, trace="hutchinson", hidden=(16, 16))  # other init, no masks: all from the checkpoint
+    # Another init (the weights come from the checkpoint), the same masks: a resume checks them.
+    fresh = _model(seed=123, trace="hutchinson", hidden=(16, 16))
+    _mask(fresh)
     hist = jf.train(fresh, TRAIN, VAL, checkpoint_dir=tmp_path / "run", **kw)
     for (name, a), (_, b) in zip(ref.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name

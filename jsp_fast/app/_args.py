@@ -9,8 +9,11 @@ import argparse
 import math
 from typing import Callable, Sequence
 
-__all__ = ["UsageError", "pos_int", "nonneg_int", "pos_float", "nonneg_float", "sparsity", "pos_ints",
+__all__ = ["PROG", "UsageError", "pos_int", "nonneg_int", "pos_float", "nonneg_float", "sparsity", "pos_ints",
            "nonneg_ints", "sparsities", "block", "names", "number_list"]
+
+
+PROG = "jsp-fast"
 
 
 class UsageError(Exception):

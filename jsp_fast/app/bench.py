@@ -6,7 +6,10 @@ solver, tolerances and Hutchinson noise) for
 
 - ``dense``: the masked dense model (plain torchdiffeq FFJORD, the field in eager PyTorch);
 - ``compiled``: the same dense model with its field's ``forward``/``jvp`` under ``torch.compile``;
-- ``sparse``: ``jf.sparsify(model)`` (the one-call fused C++ field on the CPU).
+- ``sparse``: ``jf.sparsify(model)`` with its native solve off: torchdiffeq steps around the one-call
+  fused C++ field;
+- ``native``: ``jf.sparsify(model)`` as it runs by default: the whole solve in one native call
+  (``SparseODEnet.native_solve``).
 
 Every row gives the median time, throughput, the NFE of the solve and the largest log-density
 difference from the dense model. ``run`` writes a markdown table (with the machine and the command)
@@ -26,16 +29,14 @@ from pathlib import Path
 
 import torch
 
-from .._ext import _C
 from .._io import atomic_write_text
 from .._timing import round_robin
 from ..cnf import CNF
 from ..data import digits
 from ..data import get as get_data
 from ..prune import METHODS, prune
-from ..sparse import sparsify
 from . import _common
-from ._args import names, nonneg_int, pos_float, pos_int, sparsities
+from ._args import UsageError, names, nonneg_int, pos_float, pos_int, sparsities
 
 __all__ = ["SECTION", "SETUPS", "PROVIDERS", "Setup", "load_data", "build_models", "compile_like", "load_weights_",
            "measure_interleaved", "run_e2e", "machine_info", "format_markdown", "write_section", "add_arguments",
@@ -61,7 +62,7 @@ SETUPS = {
     # 32x32 (or 16x16) block per layer, which jf.prune's per-layer floor refuses.
     "toy": Setup("toy", "8gaussians", 2, (64, 64, 64), "exact", (8, 8), 10_000),
 }
-PROVIDERS = ("dense", "compiled", "sparse")
+PROVIDERS = ("dense", "compiled", "sparse", "native")
 
 
 def _log(msg: str, quiet: bool = False) -> None:
@@ -83,6 +84,8 @@ def load_data(setup: Setup, n: int, seed: int = 0) -> torch.Tensor:
 def build_models(setup: Setup, sparsity: float, data: torch.Tensor, solver: str = "dopri5",
                  tol: float = 1e-5, prune_method: str = "jsp", seed: int = 0):
     """(dense masked CNF, jf.sparsify of it, PruneResult)."""
+    from ..sparse import sparsify  # the compiled core: imported when benchmarking, not for --help
+
     torch.manual_seed(seed)
     model = CNF(dim=setup.dim, hidden=setup.hidden, trace=setup.trace, solver=solver, rtol=tol, atol=tol)
     res = prune(model, prune_method, sparsity, data=data[:256], granularity="block", block=setup.block,
@@ -140,7 +143,9 @@ def run_e2e(datasets=("digits", "toy"), sparsities=(0.8, 0.9, 0.95), providers=P
             dense, fast, res = build_models(setup, sp, x, solver, tol, prune_method, seed)
             _log(f"[{name} {sp:.0%}] pruned ({prune_method}, {time.perf_counter() - t0:.1f} s); "
                  f"dense layers in the sparse model: {fast.net.dense_layers or 'none'}", quiet)
-            models = {"dense": dense, "sparse": fast}
+            stepped = copy.deepcopy(fast)
+            stepped.net.native = False
+            models = {"dense": dense, "sparse": stepped, "native": fast}
             if "compiled" in providers:
                 if compiled is None:
                     t0 = time.perf_counter()
@@ -175,6 +180,8 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    from .._ext import _C
+
     info = _C.build_info() if _C is not None else {}
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "simd": info.get("simd", "?"),
@@ -194,13 +201,15 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
         f"Command: `{command}`",
         "",
         "`dense`: the masked dense CNF (eager torchdiffeq FFJORD). `compiled`: the same with the field's "
-        "forward/jvp under `torch.compile`. `sparse`: `jf.sparsify(model)` (one fused C++ call per field "
-        "evaluation). Speed-ups are against `dense` / `compiled` in the same run; `max|Δ|` is the largest "
-        "difference from the dense output (log-density in nats, or sample coordinates).",
+        "forward/jvp under `torch.compile`. `sparse`: `jf.sparsify(model)` with `net.native = False` "
+        "(torchdiffeq steps around one fused C++ call per field evaluation). `native`: `jf.sparsify(model)` "
+        "as it runs by default (the whole solve in one native call). Speed-ups of `native` are against "
+        "`dense` / `compiled` in the same run; `max|Δ|` is the largest difference of `native` from the "
+        "dense output (log-density in nats, or sample coordinates).",
         "",
         "| data | field | trace | sparsity (density) | op | n | NFE | dense ms | compiled ms | sparse ms "
-        "| sparse /s | × dense | × compiled | max\\|Δ\\| |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| native ms | native /s | × dense | × compiled | native × sparse | max\\|Δ\\| |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys = []
     for r in rows:
@@ -210,7 +219,7 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
     for k in keys:
         by = {r["provider"]: r for r in rows if (r["dataset"], r["sparsity"], r["op"]) == k}
         any_r = next(iter(by.values()))
-        d, c, s = by.get("dense"), by.get("compiled"), by.get("sparse")
+        d, c, sp, s = by.get("dense"), by.get("compiled"), by.get("sparse"), by.get("native")
 
         def ms(r):
             return f"{r['seconds'] * 1e3:.1f}" if r else "–"
@@ -222,8 +231,9 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
         lines.append(
             f"| {k[0]} | {hidden}, {any_r['block'][0]}×{any_r['block'][1]} blocks | {any_r['trace']} | "
             f"{k[1]:.0%} ({any_r['density']:.3f}) | {k[2]} | {any_r['n']} | {any_r['nfe']} | {ms(d)} | {ms(c)} | "
-            f"{ms(s)} | {s['throughput']:.0f} | {ratio(d, s)} | {ratio(c, s)} | "
-            f"{s['max_abs_diff']:.1e} |" if s else f"| {k[0]} | | | {k[1]} | {k[2]} | | | {ms(d)} | {ms(c)} | – | | | | |")
+            f"{ms(sp)} | {ms(s)} | {s['throughput']:.0f} | {ratio(d, s)} | {ratio(c, s)} | {ratio(sp, s)} | "
+            f"{s['max_abs_diff']:.1e} |" if s else
+            f"| {k[0]} | | | {k[1]} | {k[2]} | | | {ms(d)} | {ms(c)} | {ms(sp)} | – | | | | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -261,20 +271,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=pos_int, default=None, help="batch size (default: 1000 digits, 10000 toy)")
     parser.add_argument("--repeats", type=pos_int, default=5,
                         help="timed repetitions, providers interleaved (median reported; default 5)")
-    parser.add_argument("--solver", default="dopri5")
+    parser.add_argument("--solver", default="dopri5", help="torchdiffeq solver")
     parser.add_argument("--tol", type=pos_float, default=1e-5, help="rtol = atol")
     parser.add_argument("--prune", default="jsp", choices=METHODS, help="jf.prune method for the block masks (default jsp)")
-    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--seed", type=nonneg_int, default=0, help="model init and pruning seed")
     parser.add_argument("--threads", type=pos_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--results", default="bench/RESULTS.md", help="markdown file to update")
     parser.add_argument("--no-write", action="store_true", help="print the table instead of writing it")
     parser.add_argument("--append", action="store_true",
                         help="add this run to the End to end section instead of replacing the section")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def run(args: argparse.Namespace) -> int:
     _common.set_threads(args.threads)
+    if not args.no_write:  # before the benchmark, not after it
+        try:
+            _common.check_out_file(args.results, "--results", (".md",))
+        except UsageError as exc:
+            raise UsageError(f"{exc} (run from the repository root, pass --results FILE or --no-write)") from None
     rows = run_e2e(args.datasets, args.sparsities, args.providers, args.repeats, args.n, args.solver, args.tol,
                    args.prune, args.seed, args.quiet)
     command = _common.command_line(args)

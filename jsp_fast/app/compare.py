@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_write_json, atomic_write_text
-from ..cnf import CNF, TRACES
+from ..cnf import ACTIVATIONS, CNF, SOLVERS, TRACES
 from ..data import get as get_data
 from ..prune import METHODS, prune
-from ..training import History, train
+from ..training import History, _dist, train
 from . import _common
+from ._distributed import distributed
 from ._args import UsageError, names, nonneg_float, nonneg_int, pos_float, pos_int, pos_ints, sparsities
 from ._args import block as block_shape
 from ._args import nonneg_ints
@@ -34,6 +35,7 @@ from .report import write_report
 __all__ = ["add_arguments", "run", "run_one", "curves", "DEFAULT_METHODS", "SETTINGS"]
 
 DEFAULT_METHODS = "jsp,random,magnitude,snip,synflow"
+FAILED_FILE = "failed.json"  # {run name: error} of the last invocation's failed runs, for the report
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -49,28 +51,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reg-pruned", type=nonneg_float, default=0.0,
                    help="also train every pruned model with RNODE at this λ (default 0: plain NLL)")
     p.add_argument("--hidden", type=pos_ints, default=None, help="hidden widths, e.g. 64,64,64 (default per dataset)")
-    p.add_argument("--activation", default="tanh")
+    p.add_argument("--activation", default="tanh", choices=ACTIVATIONS, help="field activation")
     p.add_argument("--trace", default=None, choices=TRACES, help="default: exact for dim <= 8")
-    p.add_argument("--solver", default="dopri5")
+    p.add_argument("--solver", default="dopri5", choices=SOLVERS, help="torchdiffeq solver")
     p.add_argument("--tol", type=pos_float, default=1e-3, help="rtol = atol while training")
     p.add_argument("--eval-tol", type=pos_float, default=1e-5, help="rtol = atol for the final test evaluation")
-    p.add_argument("--steps", type=pos_int, default=300)
-    p.add_argument("--batch-size", type=pos_int, default=256)
-    p.add_argument("--lr", type=pos_float, default=5e-3)
+    p.add_argument("--steps", type=pos_int, default=300, help="training steps per run")
+    p.add_argument("--batch-size", type=pos_int, default=256, help="training batch size")
+    p.add_argument("--lr", type=pos_float, default=5e-3, help="Adam learning rate")
     p.add_argument("--eval-every", type=pos_int, default=100, help="validation NLL every this many steps")
     p.add_argument("--R-every", dest="R_every", type=nonneg_int, default=5,
                    help="measure R on a fixed validation batch every this many steps (0: never)")
-    p.add_argument("--n", type=pos_int, default=None, help="training set size for generated data")
+    p.add_argument("--n", type=pos_int, default=None, help="training set size for generated data (default: 10000)")
     p.add_argument("--n-test", type=pos_int, default=2000, help="test points evaluated at the end (at most)")
     p.add_argument("--n-samples", type=nonneg_int, default=1000, help="samples drawn per run for the grids")
-    p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"))
+    p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"), help="mask granularity")
     p.add_argument("--block", type=block_shape, default="16,16", help="block shape rows,cols for --granularity block")
-    p.add_argument("--scope", default="global", choices=("global", "layer"))
+    p.add_argument("--scope", default="global", choices=("global", "layer"), help="jf.prune scope")
     p.add_argument("--prune-batch", type=pos_int, default=512, help="data points used for the pruning scores")
     p.add_argument("--rounds", type=pos_int, default=None,
                    help="pruning rounds per method (jf.prune rounds=; default: 100 for synflow, else 1)")
     p.add_argument("--root", default=None, help="data directory for file-based datasets")
-    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=pos_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--report-only", action="store_true", help="rebuild report.md and plots from the JSONs")
 
 
@@ -179,9 +181,10 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     bits_per_dim = getattr(ds, "bits_per_dim", None)
     # Every option is passed by name: one train() does not take fails here, loudly, instead of
     # being dropped while the record's settings still claim it.
+    # distributed=False: under torchrun each rank trains its own runs of the grid, alone.
     hist = train(model, ds.train, ds.val, steps=args.steps, batch_size=args.batch_size, lr=args.lr, reg=reg,
                  eval_every=args.eval_every, seed=seed, progress=False, R_every=args.R_every,
-                 bits_per_dim=bits_per_dim)
+                 bits_per_dim=bits_per_dim, distributed=False)
     t2 = time.perf_counter()
     record["history"] = curves(hist)
     record.update(_evaluate(model, ds.test[: args.n_test], args.eval_tol, bits_per_dim))
@@ -195,6 +198,25 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
 
 
 # -- the whole comparison --------------------------------------------------------------------------
+def _plan_on_rank0(args, plan: list, runs: Path, meta_path: Path, command: str) -> list:
+    """The runs still to do, decided once by rank 0 (before any rank writes a record) and shared;
+    a stale-settings error reaches every rank."""
+    todo, err = None, None
+    if _dist.is_main():
+        try:
+            todo = _todo(plan, runs, _settings(args))  # refuses changed settings before anything is written
+        except UsageError as exc:
+            err = str(exc)
+        else:
+            atomic_write_text(meta_path, command + "\n")
+        if todo is not None and len(todo) < len(plan):
+            print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
+    todo, err = _dist.broadcast_object((todo, err))
+    if err is not None:
+        raise UsageError(err)
+    return todo
+
+
 def _plan(args) -> list[tuple[str, float | None, int]]:
     """Every (method, sparsity, seed) to run: the references first, then the grid."""
     plan = [] if args.no_references else [(r, None, s) for s in args.seeds for r in REFERENCES]
@@ -219,19 +241,50 @@ def _todo(plan: list, runs: Path, mine: dict) -> list:
     return todo
 
 
-def _run_all(args, todo: list, runs: Path) -> list[str]:
-    """Run and store each planned run; the names of those that failed (the others go on)."""
+def _validate(args) -> None:
+    """Everything every run would check, checked once before any run starts (so a bad setting is one
+    error, not a grid of failed runs): the dataset and its splits, the model settings (through
+    ``CNF``, as ``train`` does), and the masks at every sparsity (through ``jf.prune`` with random
+    scores on that model: block shape, scope and the per-layer floor)."""
+    try:
+        ds = _dataset(args, args.seeds[0])
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"--dataset {args.dataset}: {str(exc).splitlines()[0]}") from None
+    for name in ("train", "val", "test"):
+        _common.split(ds, name)
+    dim = int(ds.dim)
+    try:
+        model = CNF(dim, hidden=args.hidden or ((64, 64, 64) if dim <= 8 else (256, 256)), activation=args.activation,
+                    trace=args.trace or ("exact" if dim <= 8 else "hutchinson"), solver=args.solver, rtol=args.tol,
+                    atol=args.tol)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"model settings: {str(exc).splitlines()[0]}") from None
+    for sp in args.sparsities:
+        try:
+            res = prune(model, "random", sp, ds.train[:8], granularity=args.granularity, block=args.block,
+                        scope=args.scope, seed=0)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--sparsity {sp:g} with --granularity {args.granularity} --block "
+                             f"{_as_text(args.block)}: {str(exc).splitlines()[0]}") from None
+        if args.granularity == "block" and len(res.fallback) == len(res.masks):
+            print(f"warning: block {_as_text(args.block)} fits none of the field's layers; they get unstructured "
+                  f"masks", file=sys.stderr)
+            break
+
+
+def _run_all(args, todo: list, runs: Path) -> dict[str, str]:
+    """Run and store each planned run; {name: error} of those that failed (the others go on)."""
     from tqdm import tqdm
-    failed = []
-    bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run")
+    failed = {}
+    bar = tqdm(todo, desc=f"compare {args.dataset}", unit="run", disable=not _dist.is_main())
     for method, sp, seed in bar:
         name = run_name(method, sp, seed)
         bar.set_postfix_str(name)
         try:
             rec = run_one(args, method, sp, seed)
         except Exception as exc:  # noqa: BLE001 (record the failure, keep going)
-            failed.append(name)
-            tqdm.write(f"{name} failed: {type(exc).__name__}: {exc}")
+            failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            tqdm.write(f"{name} failed: {failed[name]}")
             continue
         atomic_write_json(runs / f"{name}.json", rec, indent=None)
         tqdm.write(f"{name}: test NLL {rec['test_nll']:.3f}, NFE-F {rec['test_nfe_forward']}, "
@@ -239,27 +292,45 @@ def _run_all(args, todo: list, runs: Path) -> list[str]:
     return failed
 
 
+@distributed
 def run(args) -> int:
-    """Run what is missing of the comparison, then rebuild the report; 1 if a run failed."""
+    """Run what is missing of the comparison, then rebuild the report; 1 if a run failed.
+
+    Under torchrun rank ``r`` of ``W`` runs the missing runs ``r, r + W, ...`` and rank 0 writes the
+    report once all ranks are done."""
     _common.set_threads(args.threads)
     out = Path(args.out or f"compare-{args.dataset}")
     runs = out / "runs"
-    plan = _plan(args)
-    runs.mkdir(parents=True, exist_ok=True)
-    meta_path = out / "command.txt"
-    command = _common.command_line(args)
-    failed = []
-    if not args.report_only:
-        atomic_write_text(meta_path, command + "\n")
-        todo = _todo(plan, runs, _settings(args))
-        if len(todo) < len(plan):
-            print(f"{len(plan) - len(todo)} of {len(plan)} runs already done in {runs}; resuming")
-        failed = _run_all(args, todo, runs)
-    elif meta_path.exists():
-        command = meta_path.read_text().strip()
+    meta_path, failed_path = out / "command.txt", out / FAILED_FILE
+    if args.report_only:
+        if not runs.is_dir():
+            raise UsageError(f"--report-only: no runs in {runs}")
+        # The report describes the runs: the command that made them, never the --report-only one.
+        command = meta_path.read_text().strip() if meta_path.exists() else ""
+        failed = json.loads(failed_path.read_text()) if failed_path.exists() else {}
+    else:
+        plan = _plan(args)
+        _validate(args)
+        if _dist.is_main():
+            _common.prepare_out(out)
+            _common.prepare_out(runs)
+        command = _common.command_line(args)
+        todo = _plan_on_rank0(args, plan, runs, meta_path, command)
+        failed = _run_all(args, _dist.mine(todo), runs)
+        if _dist.active():  # every rank's failures, in plan order; also waits for all ranks
+            order = {run_name(*p): i for i, p in enumerate(todo)}
+            merged = {k: v for part in _dist.all_gather_object(failed) for k, v in part.items()}
+            failed = dict(sorted(merged.items(), key=lambda kv: order[kv[0]]))
+        if _dist.is_main():
+            if failed:
+                atomic_write_json(failed_path, failed)
+            elif failed_path.exists():
+                failed_path.unlink()
+    if not _dist.is_main():
+        return 1 if failed else 0
     records = [json.loads(p.read_text()) for p in sorted(runs.glob("*.json"))]
-    print(f"report: {write_report(out, records, command)}")
+    print(f"report: {write_report(out, records, command, failed)}")
     if failed:
-        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)} (listed in report.md)", file=sys.stderr)
         return 1
     return 0

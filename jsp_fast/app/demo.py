@@ -1,4 +1,4 @@
-"""``jsp-fast demo``: the whole story in about a minute on a CPU — JSP at initialization, training
+"""``jsp-fast demo``: the whole story in a minute or two on a CPU — JSP at initialization, training
 with the masks, samples and a density plot, then the same model on the block-sparse kernels."""
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import torch
 from .._io import atomic_write_json
 from .._timing import round_robin
 from ..cnf import CNF
-from ..data import TOY_NAMES, get, toy
-from ..sparse import sparsify
+from ..data import TOY_NAMES, get
 from ..training import save, train
 from . import _common as c
 from . import plots
@@ -64,8 +63,12 @@ def cmd_demo(args) -> int:
         raise UsageError(f"demo needs a 2-D toy set; {args.dataset!r} is not one of {', '.join(TOY_NAMES)}")
     out = Path(args.out)
     c.prepare_out(out)
-    ds = get(name, n=20_000, seed=args.seed)
-    test = toy(name, args.n_test, seed=args.seed + 1_000)
+    # The test points are the test split `jsp-fast eval --checkpoint OUT` reads back through run.json,
+    # so both report the same NLL (up to eval's batching).
+    n = max(20_000, 5 * args.n_test)
+    ds = get(name, n=n, seed=args.seed)
+    test = ds.test[: args.n_test]
+    test_set = f"the {name} test split of jf.data.get(n={n}, seed={args.seed}), first {len(test)} points"
     torch.manual_seed(args.seed)
     model = CNF(2, hidden=args.hidden, rtol=args.tol, atol=args.tol)
     say = (lambda *a: None) if args.no_progress else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -93,11 +96,12 @@ def cmd_demo(args) -> int:
     title = f"{name}: test NLL {test_nll:.3f}" + (f", true {true_nll:.3f}" if true_nll else "")
     files = _figures(out, name, ds.train[:2000], samples, grid_logp, true_grid, lim, title, hist, true_nll)
     save(out / "checkpoint", model, history=hist)
-    atomic_write_json(out / c.RUN_FILE, {"dataset": name, "n": 20_000, "seed": args.seed, "root": None})
+    atomic_write_json(out / c.RUN_FILE, {"dataset": name, "n": n, "seed": args.seed, "root": None,
+                                         "prune": pruned, "test_points": len(test), "command": c.command_line(args)})
     hist.to_json(out / "history.json")
     last = hist[-1]
     metrics = {
-        "dataset": name, "seed": args.seed, "test_points": args.n_test,
+        "dataset": name, "seed": args.seed, "test_points": len(test), "test_set": test_set,
         "test_nll": test_nll, "true_nll": true_nll,
         "nll_gap": None if true_nll is None else test_nll - true_nll,
         "initial_val_nll": hist[0].get("val_nll"), "final_val_nll": hist.last("val_nll"),
@@ -113,7 +117,10 @@ def cmd_demo(args) -> int:
     }
     atomic_write_json(out / "metrics.json", metrics)
     gap = "" if true_nll is None else f" | true {true_nll:.3f} | gap {test_nll - true_nll:+.3f} nats"
-    print(f"test NLL {test_nll:.3f}{gap} | NFE {test_nfe} | {metrics['time_s']['total']:.0f} s | {out}/")
+    note = c.block_note(pruned)
+    print(f"test NLL {test_nll:.3f}{gap} | NFE {test_nfe} | {metrics['time_s']['total']:.0f} s | {out}/\n"
+          f"  (test set: {test_set}; `{c.PROG} eval --checkpoint {out}` reads the same points)"
+          + (f"\n  ({note})" if note else ""))
     if speed:
         print(f"block-sparse field (jf.sparsify): sample x{speed['sample_speedup']:.1f}, log_prob "
               f"x{speed['log_prob_speedup']:.1f} vs the masked dense model, max |dlogp| {speed['max_abs_dlogp']:.1e}")
@@ -141,6 +148,8 @@ def _test_nll(model, x: torch.Tensor) -> tuple[float, float, int]:
 def _sparse_speed(model, x: torch.Tensor, seed: int, repeats: int = 3) -> dict:
     """Masks become speed: the trained pruned model against its jf.sparsify copy, same solver and
     tolerance, timed round-robin (medians); the first calls double as warm-up and accuracy check."""
+    from ..sparse import sparsify  # the compiled core and kernels: only when there is a block-pruned model
+
     fast = sparsify(model)
     fast.rtol, fast.atol = model.rtol, model.atol
     n = min(len(x), 4000)

@@ -15,8 +15,8 @@ import torch
 from ..training import History
 from ._records import REFERENCES, groups, mean_std
 
-__all__ = ["grid", "grid_log_prob", "scatter_png", "density_png", "overview_png", "history_png", "images_png",
-           "compare_pngs"]
+__all__ = ["grid", "grid_log_prob", "scatter_png", "density_png", "overview_png", "history_png", "nll_ylim",
+           "images_png", "compare_pngs"]
 
 
 def _plt():
@@ -53,13 +53,19 @@ def _scatter(ax, x: torch.Tensor, lim: float, title: str, color: str) -> None:
     ax.set_yticks([])
 
 
-def _heat(ax, logp: torch.Tensor, lim: float, title: str) -> None:
-    ax.imshow(logp.exp().numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma",
-              interpolation="bilinear")
+def _heat(ax, logp: torch.Tensor, lim: float, title: str):
+    """The density ``exp(logp)`` on the grid, with axes in data units and a colour bar."""
+    im = ax.imshow(logp.exp().numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma",
+                   interpolation="bilinear")
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=10)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_xlabel("$x_1$", fontsize=8)
+    ax.set_ylabel("$x_2$", fontsize=8)
+    ax.tick_params(labelsize=7)
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cb.set_label("density", fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    return im
 
 
 def scatter_png(path: Path, x: torch.Tensor, lim: float, title: str, color: str = "tab:blue") -> Path:
@@ -87,7 +93,7 @@ def overview_png(path: Path, data: torch.Tensor, samples: torch.Tensor, logp: to
     """Data | samples | learned density | true density (when known), side by side."""
     plt = _plt()
     k = 4 if true_logp is not None else 3
-    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.4))
+    fig, axes = plt.subplots(1, k, figsize=(3.6 * k, 3.5))
     _scatter(axes[0], data, lim, "data", "tab:blue")
     _scatter(axes[1], samples, lim, "samples", "tab:orange")
     _heat(axes[2], logp, lim, "learned density")
@@ -101,6 +107,21 @@ def overview_png(path: Path, data: torch.Tensor, samples: torch.Tensor, logp: to
     return Path(path)
 
 
+def nll_ylim(values, true_nll: float | None = None, pad: float = 0.08) -> tuple[float, float]:
+    """Y-limits of an NLL-per-step plot: from the lowest value (the true density's NLL included, so its
+    line sits inside the plot, not on the frame) to a high quantile, so the first steps' spike does not
+    flatten the rest; ``pad`` of the range on both sides."""
+    vals = sorted(float(v) for v in values if v is not None and math.isfinite(float(v)))
+    if true_nll is not None and math.isfinite(true_nll):
+        vals_lo = min(vals + [true_nll]) if vals else true_nll
+    else:
+        vals_lo = vals[0] if vals else 0.0
+    hi = vals[min(len(vals) - 1, int(0.98 * len(vals)))] if vals else vals_lo + 1.0
+    hi = max(hi, vals_lo + 1e-3)
+    span = hi - vals_lo
+    return vals_lo - pad * span, hi + pad * span
+
+
 def history_png(path: Path, history: History, true_nll: float | None = None) -> Path:
     """NLL (train, val), NFE (forward, backward) and R against the training step."""
     plt = _plt()
@@ -112,6 +133,7 @@ def history_png(path: Path, history: History, true_nll: float | None = None) -> 
     ax.plot(*col("val_nll"), "o-", ms=3, label="validation")
     if true_nll is not None:
         ax.axhline(true_nll, color="k", ls="--", lw=0.8, label="true density")
+    ax.set_ylim(*nll_ylim(col("train_nll")[1] + col("val_nll")[1], true_nll))
     ax.set_xlabel("step")
     ax.set_ylabel("NLL (nats)")
     ax.legend(fontsize=8)

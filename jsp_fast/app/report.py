@@ -91,10 +91,14 @@ def _against_random(records: list[dict]) -> list[str]:
             "| ΔNLL test (nats) |", "|" + "---|" * 8, *pairs]
 
 
-def write_report(out: Path, records: list[dict], command: str = "") -> Path:
-    """``report.md`` (tables) and the plots, from the run records found so far."""
+def write_report(out: Path, records: list[dict], command: str = "", failed: dict[str, str] | None = None) -> Path:
+    """``report.md`` (tables) and the plots, from the run records found so far; ``failed``: {run
+    name: error} of runs that failed (listed after the tables, which hold every finished run)."""
     out = Path(out)
     lines = _header(records, command) + _table(records) + _against_random(records)
+    if failed:
+        lines += ["", f"## Failed runs ({len(failed)})", "", "Not in the tables above; rerun the command to retry them.",
+                  ""] + [f"- `{name}`: {err}" for name, err in sorted(failed.items())]
     fails = [r for r in records if r.get("samples_error")]
     if fails:
         lines += ["", "Sampling failed for: " + ", ".join(run_name(r["method"], r["sparsity"], r["seed"]) for r in fails)]

@@ -101,6 +101,9 @@ class ODEnet(nn.Module):
 
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh"):
         super().__init__()
+        if isinstance(hidden, (str, bytes)) or not hasattr(hidden, "__iter__"):
+            # a str would iterate as digits ("64" -> widths 6, 4)
+            raise TypeError(f"hidden must be a sequence of widths, e.g. (64, 64, 64), got {hidden!r}")
         dims = [int(dim), *[int(h) for h in hidden], int(dim)]
         if any(d <= 0 for d in dims):
             raise ValueError(f"dim and hidden widths must be positive integers, got dim={dim}, hidden={tuple(hidden)}")

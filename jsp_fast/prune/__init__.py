@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._blocks import as_block
+from .._device import check_device
 from .. import _linear_mask
 from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
@@ -80,18 +82,6 @@ class PruneResult:
         return (f"PruneResult(method={self.method!r}, sparsity={self.sparsity}, granularity={self.granularity!r}, "
                 f"scope={self.scope!r}, kept={self.kept}/{self.total} ({self.overall_density:.4f}), "
                 f"density={{{layers}}}{fb}{ex})")
-
-
-def _check_block(block) -> tuple[int, int]:
-    if isinstance(block, int):
-        block = (block, block)
-    try:
-        bm, bk = (int(b) for b in block)
-    except (TypeError, ValueError):
-        raise ValueError(f"block must be an int or a pair of positive ints, got {block!r}") from None
-    if bm <= 0 or bk <= 0 or (bm, bk) != tuple(block):
-        raise ValueError(f"block must be a pair of positive ints, got {block!r}")
-    return bm, bk
 
 
 def _select_layers(layers, names: list[str]) -> list[str]:
@@ -180,6 +170,8 @@ def _batches(model: nn.Module, data, n_batches: int, batch_size: int | None, see
     ref = next(iter(model.prunable_parameters().values()))
     if not data.is_floating_point():
         raise TypeError(f"data must be floating point, got {data.dtype}")
+    check_device(data.device, "data")
+    check_device(ref.device, "the model")
     data = data.to(device=ref.device, dtype=ref.dtype)
     if not torch.isfinite(data).all():
         raise ValueError("data contains NaN or inf")
@@ -275,7 +267,7 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
         raise TypeError(f"as_torch_prune must be True or False, got {as_torch_prune!r}")
     if not hasattr(model, "prunable_parameters"):
         raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
-    blk = _check_block(block) if granularity == "block" else None
+    blk = as_block(block) if granularity == "block" else None
     all_params = dict(model.prunable_parameters())
     if not all_params:
         raise ValueError("the model has no prunable parameters")

@@ -152,7 +152,7 @@ class SparseODEnet(nn.Module):
     """
 
     def __init__(self, layers: Sequence[nn.Module], activation: str = "tanh", backend: str = "auto",
-                 dense_layers: dict[int, str] | None = None, fused: bool | str = True):
+                 dense_layers: dict[int, str] | None = None, fused: bool | str = True, native: bool = True):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         for a, b in zip(self.layers[:-1], self.layers[1:]):
@@ -162,6 +162,13 @@ class SparseODEnet(nn.Module):
         self.backend = registry.check_name(backend)
         self.dense_layers = dict(dense_layers or {})
         self.fused = _check_fused(fused)
+        if not isinstance(native, bool):
+            raise TypeError(f"native must be True or False, got {native!r}")
+        # Inference solves in one native call where the fused engine offers one (see native_solve).
+        self.native = native
+        # None: one step size for the whole batch (torchdiffeq's behaviour); n: the native solve steps
+        # each chunk of n rows on its own (fewer NFE where samples differ in stiffness).
+        self.native_chunk: int | None = None
         self._plan = None
         self._plan_key = None
 
@@ -273,6 +280,26 @@ class SparseODEnet(nn.Module):
 
     def _fused(self, engine: str, t, z, v):
         return registry.fused_field(engine).run(self.fused_plan(z.dtype, engine, z.device), t, z, v)
+
+    def native_solve(self, z0, logp0, t0, t1, *, trace, noise, solver, rtol, atol, options):
+        """The whole solve in one native call, or None when it cannot run here (then the caller, CNF,
+        integrates with torchdiffeq). It runs when the fused engine ``fused_engine(z0)`` chooses offers a
+        native solver (today the C++ field) that takes ``solver`` and ``options``, and ``native`` is on;
+        ``native_chunk`` (rows) makes it step each batch chunk independently.
+        ``trace``: "exact", "hutchinson" (with the fixed ``noise``) or None (z only). Returns
+        ``(z1, logp1 or None, nfe)``; a failed solve raises ``SolverError``."""
+        if not self.native:
+            return None
+        if self.native_chunk is not None:
+            options = {**options, "chunk": self.native_chunk}
+        engine = self.fused_engine(z0)
+        if engine is None:
+            return None
+        fused = registry.fused_field(engine)
+        if not hasattr(fused, "solve") or fused.solve_refusal(solver, options) is not None:
+            return None
+        return fused.solve(self.fused_plan(z0.dtype, engine, z0.device), z0, logp0, t0, t1,
+                           trace=trace or "none", noise=noise, solver=solver, rtol=rtol, atol=atol, options=options)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if under_func_transform(z):  # inside a user field traced by torch.func (see under_func_transform)

@@ -182,17 +182,17 @@ def _jvp_backward(ctx, gy, gyd):
     gy_tot = gy
     dd = _act.ddact_dy(act, y)
     if dd is not None:  # y_dot depends on y through d(y): needs ud = x_dot Wᵀ again
-        ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
+        ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, y.shape[1])
         su = (gyd * ud).sum(0)
         gy_tot = gy_tot + dd * (su if s is None else su * s)
     gpre = gy_tot * d
     gu = gpre if s is None else gpre * s
     gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
-    gxd = bsr_t_matmul(gud.reshape(T * Bn, -1), values, *tables, backend).reshape(T, Bn, K) if need[1] else None
+    gxd = bsr_t_matmul(gud.reshape(T * Bn, y.shape[1]), values, *tables, backend).reshape(T, Bn, K) if need[1] else None
     gv, gscale = None, None
     if need[2] or (ctx.has_scale and need[9]):
         gv, gscale = _weight_and_scale_grads(
-            torch.cat([gpre, gdu.reshape(T * Bn, -1)]), torch.cat([x, x_dot.reshape(T * Bn, K)]), values,
+            torch.cat([gpre, gdu.reshape(T * Bn, y.shape[1])]), torch.cat([x, x_dot.reshape(T * Bn, K)]), values,
             tables, s, backend, need[2], ctx.has_scale and need[9])
     gbias = gpre.sum(0) if ctx.has_bias and need[10] else None
     return (gx, gxd, gv) + (None,) * 6 + (gscale, gbias, None, None)

@@ -24,11 +24,12 @@ dense anyway. Choose a block that divides both dimensions, or pad the model your
 from __future__ import annotations
 
 import json
-import operator
 import os
 from typing import NamedTuple, Sequence
 
 import torch
+
+from .._blocks import as_block
 
 __all__ = ["BlockSparseWeight", "Plan", "FieldLayout", "BLOCK_CANDIDATES",
            "as_block", "block_grid", "is_block_aligned", "infer_block", "build_tables", "blocks_to_dense",
@@ -59,34 +60,6 @@ class Plan(NamedTuple):
 
 
 # ---- block shapes and masks ----------------------------------------------------------------------
-def as_block(block) -> tuple[int, int]:
-    """``(bm, bk)`` from an int ``b`` (a square ``b x b`` block) or a pair of ints; both positive.
-
-    A TypeError for anything else (floats, strings, None), a ValueError for a pair of the wrong length
-    or a side below 1.
-    """
-    if isinstance(block, bool):
-        raise TypeError(f"block must be an int or a pair of ints, got {block!r}")
-    try:
-        b = operator.index(block)
-        pair = (b, b)
-    except TypeError:
-        if isinstance(block, (str, bytes)) or not hasattr(block, "__len__"):
-            raise TypeError(f"block must be an int or a pair of ints, got {block!r}") from None
-        if len(block) != 2:
-            raise ValueError(f"block must be an int or a pair of ints (bm, bk), got {len(block)} values: "
-                             f"{tuple(block)!r}") from None
-        try:
-            if any(isinstance(v, bool) for v in block):
-                raise TypeError
-            pair = tuple(operator.index(v) for v in block)
-        except TypeError:
-            raise TypeError(f"block must be an int or a pair of ints, got {tuple(block)!r}") from None
-    if pair[0] <= 0 or pair[1] <= 0:
-        raise ValueError(f"block dims must be positive, got {pair}")
-    return pair
-
-
 def _check_divisible(shape: tuple[int, int], block: tuple[int, int]) -> None:
     n, k = shape
     bm, bk = block

@@ -37,6 +37,12 @@ A fused field (``fused=``) is an object with three methods (see ``backends/cpu.p
     def pack(self, layers: list[LayerSpec], activation, dtype, device) # -> a packing, cached by the field
     def run(self, packed, t, z, v) -> (f, jv or None)                  # inference only, no autograd
 
+A fused field may also solve a whole ODE natively (the C++ one does): two optional methods,
+
+    def solve_refusal(self, solver, options) -> str | None            # None, or what it cannot do
+    def solve(self, packed, z0, logp0, t0, t1, *, trace, noise, solver, rtol, atol, options)
+        # -> (z1, logp1 or None, nfe); CNF inference takes it when the field's engine offers it
+
 A backend may offer only a fused field (``impl=None``, as "cuda" does): it then serves no per-layer op.
 
 Selection: ``"auto"`` takes, among the backends whose ``devices`` contain the tensor's device type,

@@ -13,7 +13,14 @@ Writes are atomic: everything goes to a hidden temporary sibling directory, is f
 renamed over ``path`` (the old checkpoint is moved aside first and deleted after the swap). A write
 interrupted at any point leaves either the old checkpoint or the new one; ``load`` verifies the
 manifest, so a half-written directory is never accepted, and if a crash falls between the two
-renames ``load`` picks up the moved-aside previous checkpoint.
+renames ``load`` picks up the moved-aside previous checkpoint. Temporary folders left by a killed
+save carry the writer's pid and are removed by the next save (or ``jf.train`` start) once that
+process is gone.
+
+Loading trusts nothing in the directory (see ``_schema``): JSON fields are type- and range-checked,
+tensors are compared by name, shape and dtype with what the config implies before a module is built,
+and only the fixed file names above are ever opened, never through a symlink that leaves the
+directory. Every failure is a ``CheckpointError`` naming the file and the field.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +42,9 @@ from torch import nn
 
 from .._version import __version__
 from ..cnf import CNF, ODEnet
+from .._device import check_device
+from ..errors import CheckpointError, ConfigError
+from . import _schema as schema
 from .history import History
 
 FORMAT = "jsp_fast.checkpoint"
@@ -42,12 +53,11 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 STATE_JSON = "state.json"
 CONFIG_FILE = "config.json"
+DATA_FILES = (MODEL_FILE, STATE_FILE, STATE_JSON)  # the only names a manifest may list
+OURS = frozenset((CONFIG_FILE, *DATA_FILES))        # everything save() ever writes in a checkpoint
 
-__all__ = ["save", "load", "load_checkpoint", "exists", "Checkpoint", "CheckpointError"]
-
-
-class CheckpointError(ValueError):
-    """The path is not a (complete, uncorrupted) jsp_fast checkpoint."""
+__all__ = ["save", "load", "load_checkpoint", "exists", "Checkpoint", "CheckpointError", "check_target",
+           "clean_stale", "discard"]
 
 
 @dataclass
@@ -108,23 +118,146 @@ def _model_config(model: nn.Module) -> dict:
     return _jsonable(model.config())
 
 
-def _is_checkpoint(path: Path) -> bool:
-    cfg = path / CONFIG_FILE
-    if not cfg.is_file():
-        return False
+def _member(path: Path, name: str) -> Path:
+    """``path/name`` as a regular file inside ``path``: a symlink that leaves the directory (or
+    anything that is not a plain file) is refused, so nothing outside is ever read."""
+    f = path / name
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError):
+        st = os.lstat(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read {name} ({exc.strerror})") from None
+    if stat.S_ISLNK(st.st_mode):
+        real = f.resolve()
+        if real.parent != path.resolve():
+            raise CheckpointError(f"checkpoint {path}: {name} is a symlink to {real}, outside the checkpoint "
+                                  f"directory; refusing to read it")
+        st = os.stat(f)
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path}: {name} is not a regular file")
+    return f
+
+
+def _read_json(path: Path, name: str, data: bytes | None = None) -> Any:
+    if data is None:
+        f = _member(path, name)
+        if f.stat().st_size > schema.MAX_JSON_BYTES:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes; a checkpoint's JSON is at most "
+                                  f"{schema.MAX_JSON_BYTES}")
+        try:
+            data = f.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {f} ({exc.strerror})") from None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{path / name} is not valid JSON ({type(exc).__name__}: {exc})") from None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        cfg = _read_json(path, CONFIG_FILE)
+    except (CheckpointError, OSError):
         return False
+    return isinstance(cfg, dict) and cfg.get("format") == FORMAT
+
+
+def _foreign(path: Path) -> list[str]:
+    """Entries of directory ``path`` that ``save`` did not write (user files: never deleted)."""
+    try:
+        return sorted(e.name for e in os.scandir(path) if e.name not in OURS)
+    except OSError:
+        return []
 
 
 def _backups(path: Path) -> list[Path]:
-    return sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = []
+    for p in path.parent.glob(f".{path.name}.old-*"):
+        try:
+            found.append((p.stat().st_mtime, p))
+        except OSError:
+            continue
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _temp_owner_alive(tmp: Path) -> bool:
+    """Whether the process that named ``.NAME.tmp-PID-HEX`` still runs (then it may be mid-save)."""
+    pid = tmp.name.rsplit(".tmp-", 1)[-1].split("-")[0]
+    if not pid.isdigit():
+        return False  # written by an older jsp_fast (no pid in the name)
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(path) -> list[Path]:
+    """Remove the temporary folders of killed saves to ``path`` (ours by name and content, their
+    writer gone); the removed paths."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        if tmp.is_symlink() or not tmp.is_dir() or _foreign(tmp) or _temp_owner_alive(tmp):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def check_target(path) -> None:
+    """Raise ``ConfigError`` now if a checkpoint could never be written at ``path`` (a file in the
+    way, a directory of someone else's files, no write permission), before any work is done."""
+    path = Path(path)
+    for a in (path, *path.parents):
+        if not (a.exists() or a.is_symlink()):
+            continue
+        if a != path and not a.is_dir():
+            raise ConfigError(f"cannot write a checkpoint at {path}: {a} is a file, not a directory")
+        if a == path:
+            if not a.is_dir():
+                raise ConfigError(f"cannot write a checkpoint at {path}: it is a file; refusing to replace it")
+            entries = sorted(os.listdir(a))
+            foreign = _foreign(a)
+            if (entries and not _is_checkpoint(a)) or foreign:
+                what = "holds files jsp_fast did not write" if _is_checkpoint(a) else "is not a jsp_fast checkpoint"
+                shown = foreign or entries
+                raise ConfigError(f"{path} {what} ({', '.join(shown[:5])}{' ...' if len(shown) > 5 else ''}); "
+                                  f"refusing to replace or delete it: move it away or choose another directory")
+        if not os.access(a, os.W_OK):
+            raise ConfigError(f"cannot write a checkpoint at {path}: {a} is not writable")
+        return
+
+
+def discard(path) -> list[Path]:
+    """Delete the checkpoint at ``path`` with its moved-aside copies and stale temporaries (a run
+    starting over); refuses, deleting nothing, if ``path`` holds anything ``save`` did not write."""
+    path = Path(path)
+    check_target(path)
+    removed = clean_stale(path)
+    for b in _backups(path):
+        if b.is_dir() and not b.is_symlink() and not _foreign(b):
+            shutil.rmtree(b, ignore_errors=True)
+            removed.append(b)
+    if path.is_dir():
+        for name in OURS:
+            if (path / name).exists() or (path / name).is_symlink():
+                (path / name).unlink()
+        path.rmdir()
+        removed.append(path)
+    return removed
 
 
 def _resolve(path) -> Path:
     """The checkpoint directory for ``path``: itself, its ``last/`` (a jf.train checkpoint_dir), or
-    the previous checkpoint moved aside by an interrupted save."""
+    the previous checkpoint moved aside by an interrupted save (of either)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     p = Path(path)
@@ -132,12 +265,14 @@ def _resolve(path) -> Path:
         return p
     if _is_checkpoint(p / "last"):
         return p / "last"
-    if not p.exists():
-        for b in _backups(p):
+    missing = [q for q in (p, p / "last") if not (q.exists() or q.is_symlink()) and q.parent.is_dir()]
+    for q in missing:
+        for b in _backups(q):
             if _is_checkpoint(b):
-                warnings.warn(f"{p} is missing after an interrupted save; loading the previous checkpoint {b}",
+                warnings.warn(f"{q} is missing after an interrupted save; loading the previous checkpoint {b}",
                               stacklevel=3)
                 return b
+    if not p.exists():
         raise CheckpointError(f"no checkpoint at {p} (path does not exist)")
     if p.is_dir():
         raise CheckpointError(f"{p} is not a jsp_fast checkpoint (no valid {CONFIG_FILE})")
@@ -165,6 +300,9 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     path = Path(path)
     if path.exists() and not _is_checkpoint(path) and not (path.is_dir() and not any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not a jsp_fast checkpoint; refusing to replace it")
+    if path.is_dir() and _foreign(path):  # replacing it would delete a user's files
+        raise FileExistsError(f"{path} holds files jsp_fast did not write ({', '.join(_foreign(path)[:5])}); "
+                              f"refusing to replace it")
     cfg_model = _model_config(model)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     masks = sorted(k[: -len(".weight_mask")] for k in sd if k.endswith(".weight_mask"))
@@ -192,7 +330,9 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         state_json["history"] = history.to_dict() if hasattr(history, "to_dict") else _jsonable(list(history))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    clean_stale(path)
+    # The pid in the name tells a later save whether this folder's writer is still alive.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     try:
@@ -220,7 +360,8 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         if moved:
             shutil.rmtree(backup, ignore_errors=True)
         for stale in _backups(path):  # left by an earlier save that died between its renames
-            shutil.rmtree(stale, ignore_errors=True)
+            if not _foreign(stale):
+                shutil.rmtree(stale, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -229,65 +370,110 @@ def save(path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
 # -- load ------------------------------------------------------------------------------------------
 def _read(path: Path, name: str, meta: dict) -> bytes:
-    f = path / name
+    f = _member(path, name)
+    if f.stat().st_size != meta["bytes"]:  # before reading: a huge planted file is never loaded
+        raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {f.stat().st_size} bytes, its "
+                              f"manifest says {meta['bytes']}")
     try:
         data = f.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} is incomplete: cannot read {name} ({exc.strerror})") from None
-    if len(data) != meta.get("bytes") or hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+    if len(data) != meta["bytes"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise CheckpointError(f"checkpoint {path} is corrupted: {name} does not match its manifest")
     return data
 
 
 def _read_config(path: Path) -> dict:
+    cfg = _read_json(path, CONFIG_FILE)
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a jsp_fast checkpoint ({CONFIG_FILE} has no format {FORMAT!r})")
+    return schema.check_config(cfg, str(path / CONFIG_FILE), FORMAT, VERSION, DATA_FILES, MODEL_FILE)
+
+
+def _tensors(path: Path, name: str, meta: dict) -> dict[str, torch.Tensor]:
+    """A safetensors file of the manifest, parsed (its header errors become CheckpointErrors)."""
+    data = _read(path, name, meta)
     try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path / CONFIG_FILE}: {exc}") from None
-    if cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a jsp_fast checkpoint")
-    if int(cfg.get("version", 0)) > VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {cfg['version']}; this jsp_fast reads "
-                              f"up to {VERSION} (upgrade jsp_fast)")
-    if MODEL_FILE not in cfg.get("files", {}):
-        raise CheckpointError(f"checkpoint {path} has no {MODEL_FILE} in its manifest")
-    return cfg
+        return _st_load(data)
+    except Exception as exc:  # noqa: BLE001 (SafetensorError, and whatever a crafted header provokes)
+        raise CheckpointError(f"{path / name} is not a valid safetensors file ({type(exc).__name__}: {exc})") from None
 
 
 def _load_state_into(model: nn.Module, sd: dict[str, torch.Tensor], path: Path) -> None:
     """Give every maskable layer the checkpoint's mask (or none), then load strictly."""
     masked = {k[: -len(".weight_mask")]: v for k, v in sd.items() if k.endswith(".weight_mask")}
-    for name, module in model.named_modules():
-        if hasattr(module, "set_mask"):
-            m = masked.pop(name, None)
-            module.set_mask(None if m is None else m.to(torch.bool))
-    if masked:
-        raise CheckpointError(f"checkpoint {path} has masks for {sorted(masked)}, which the model lacks")
     try:
+        for name, module in model.named_modules():
+            if hasattr(module, "set_mask"):
+                m = masked.pop(name, None)
+                module.set_mask(None if m is None else m.to(torch.bool))
+        if masked:
+            raise CheckpointError(f"checkpoint {path} has masks for {sorted(masked)}, which the model lacks")
         model.load_state_dict(sd, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"checkpoint {path} does not fit the model: {exc}") from None
+
+
+def _optimizer(path: Path, sj: dict, tensors: dict[str, torch.Tensor]) -> dict | None:
+    if "optimizer" not in sj:
+        return None
+    o = sj["optimizer"]
+    ids = set(o["state_ids"])
+    state: dict[int, dict] = {int(pid): dict(o.get("scalars", {}).get(str(pid), {})) for pid in ids}
+    for k, v in tensors.items():
+        if not k.startswith("optimizer."):
+            continue
+        pid, _, key = k[len("optimizer."):].partition(".")
+        if not pid.isdigit() or int(pid) not in ids or not key:
+            raise CheckpointError(f"{path / STATE_FILE}: tensor {k!r} names no parameter of the optimizer state "
+                                  f"(expected optimizer.<id>.<key> with id in {sorted(ids)})")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path / STATE_FILE}: tensor {k!r} holds NaN or inf")
+        state[int(pid)][key] = v
+    return {"state": state, "param_groups": o["param_groups"]}
 
 
 def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.device | None = None) -> Checkpoint:
     """Read a checkpoint: the model (built from ``config.json``, or ``model`` loaded in place), the
-    optimizer state_dict, the history and the extras (tensors included)."""
+    optimizer state_dict, the history and the extras (tensors included).
+
+    Everything is validated first (see the module docstring); any defect is a ``CheckpointError``.
+    """
+    if device is not None:
+        device = check_device(device)
     path = _resolve(path)
     cfg = _read_config(path)
     files = cfg["files"]
-    sd = _st_load(_read(path, MODEL_FILE, files[MODEL_FILE]))
+    where = str(path / MODEL_FILE)
+    skeleton = schema.skeleton(cfg["model"], cfg["masks"], str(path / CONFIG_FILE))
+    sd = _tensors(path, MODEL_FILE, files[MODEL_FILE])
+    dtype = schema.check_tensors(sd, schema.expected_tensors(skeleton), where)
+    tensors = _tensors(path, STATE_FILE, files[STATE_FILE]) if STATE_FILE in files else {}
+    bad = sorted(k for k in tensors if not k.startswith(("optimizer.", "extra.")))
+    if bad:
+        raise CheckpointError(f"{path / STATE_FILE}: unexpected tensors {bad[:8]} (expected optimizer.* and extra.*)")
+    sj = {}
+    if STATE_JSON in files:
+        sj = schema.check_state_json(_read_json(path, STATE_JSON, _read(path, STATE_JSON, files[STATE_JSON])),
+                                     str(path / STATE_JSON))
+    optimizer = _optimizer(path, sj, tensors)
+    extra = dict(cfg["extra"])
+    extra.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    schema.check_settings_value(extra, str(path / CONFIG_FILE))
+
     if model is None:
-        if cfg.get("class", "CNF") != "CNF":
-            raise CheckpointError(f"checkpoint {path} holds a {cfg.get('class')}, not a CNF")
         try:
             model = CNF.from_config(cfg["model"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path / CONFIG_FILE}: field 'model': {exc}") from None
+        model = model.to(dtype)
         if device is not None:
             model = model.to(device)
     else:
         mine = _jsonable(model.config()) if hasattr(model, "config") else None
-        theirs = cfg.get("model", {})
+        theirs = cfg["model"]
         if mine is not None:
             for k in ("dim", "hidden", "activation"):
                 if k in theirs and mine.get(k) != theirs[k]:
@@ -296,30 +482,14 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
     if ref is not None:
         sd = {k: v.to(ref.device) for k, v in sd.items()}
     _load_state_into(model, sd, path)
-
-    tensors = _st_load(_read(path, STATE_FILE, files[STATE_FILE])) if STATE_FILE in files else {}
-    sj = json.loads(_read(path, STATE_JSON, files[STATE_JSON])) if STATE_JSON in files else {}
-    optimizer = None
-    if "optimizer" in sj:
-        o = sj["optimizer"]
-        state = {}
-        for pid in o["state_ids"]:
-            st = dict(o["scalars"].get(str(pid), {}))
-            prefix = f"optimizer.{pid}."
-            st.update({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-            state[int(pid)] = st
-        optimizer = {"state": state, "param_groups": o["param_groups"]}
-    history = None
-    if "history" in sj:
-        history = History.from_dict(sj["history"])
-    extra = dict(cfg.get("extra", {}))
-    extra.update({k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+    history = History.from_dict(sj["history"]) if "history" in sj else None
     return Checkpoint(path=path, model=model, config=cfg, optimizer=optimizer, history=history, extra=extra)
 
 
 def load(path, device: str | torch.device | None = None) -> nn.Module:
     """Load the model saved at ``path`` (a checkpoint directory, or a ``jf.train`` checkpoint_dir).
 
-    Pruned layers come back with their ``weight_mask`` buffers, so the model stays pruned.
+    Pruned layers come back with their ``weight_mask`` buffers, so the model stays pruned. A
+    malformed, corrupted or crafted checkpoint raises ``CheckpointError`` (a ``ValueError``).
     """
     return load_checkpoint(path, device=device).model

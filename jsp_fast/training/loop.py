@@ -13,12 +13,18 @@ saved in every checkpoint. A run resumed from a checkpoint therefore ends with t
 as an uninterrupted one (same thread count, same machine). The caller's global RNG is untouched.
 The order of everything that draws from that RNG (step 0's evaluation, each step's training solve,
 then its ``R``/validation solves) is part of this contract.
+
+Under torchrun (more than one process) the same function trains with DistributedDataParallel; what
+changes and what stays equal to the single-process run is described in ``_ddp``.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,10 +32,14 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from .._device import check_device
+from ..errors import CheckpointError, ConfigError, ResumeMismatchError
+from . import _dist
 from . import checkpoint as ckpt
+from ._ddp import DDPRun
 from .history import History
 
-__all__ = ["train", "REG_KEYS", "CHECKPOINT_NAME"]
+__all__ = ["train", "REG_KEYS", "CHECKPOINT_NAME", "RESUME_MODES"]
 
 REG_KEYS = ("kinetic", "jacobian")
 CHECKPOINT_NAME = "last"  # the trainer's checkpoint lives at <checkpoint_dir>/last
@@ -55,11 +65,13 @@ class _Options:
     max_grad_norm: float | None
 
     def settings(self, train: torch.Tensor, val: torch.Tensor | None) -> dict:
-        """What a checkpoint records (a resume with other values warns)."""
+        """What a checkpoint records; a resume must match all of it but ``steps`` (see ``_resume``)."""
         return {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
                 "weight_decay": self.weight_decay, "reg": self.reg, "seed": self.seed,
                 "eval_every": self.eval_every, "R_batch": self.R_batch, "R_every": self.R_every,
-                "n_train": int(train.shape[0]), "n_val": None if val is None else int(val.shape[0])}
+                "eval_batch": self.eval_batch, "max_grad_norm": self.max_grad_norm,
+                "n_train": int(train.shape[0]), "n_val": None if val is None else int(val.shape[0]),
+                "train_data": _fingerprint(train), "val_data": None if val is None else _fingerprint(val)}
 
 
 def _positive_int(name: str, v) -> int:
@@ -128,6 +140,7 @@ def _check_data(model: nn.Module, x, what: str, allow_none: bool = False) -> tor
         raise ValueError(f"{what} has dimension {x.shape[1]} but the model has dim={dim}")
     if not x.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor, got {x.dtype}")
+    check_device(x.device, what)
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or inf")
     return x
@@ -205,30 +218,132 @@ def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
     return states
 
 
-def _set_rng_states(extra: dict, device: torch.device) -> None:
-    if "rng_torch" in extra:
-        torch.set_rng_state(extra["rng_torch"])
-    if device.type == "cuda" and "rng_cuda" in extra:
-        torch.cuda.set_rng_state(extra["rng_cuda"], device)
+def _set_rng_states(extra: dict, device: torch.device, path: Path) -> None:
+    for key, now in (("rng_torch", torch.get_rng_state),
+                     ("rng_cuda", (lambda: torch.cuda.get_rng_state(device)) if device.type == "cuda" else None)):
+        if key not in extra or now is None:
+            continue
+        v, want = extra[key], now()
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.uint8 or v.shape != want.shape:
+            raise CheckpointError(f"{path}: extra {key!r}: expected a uint8 tensor of shape {tuple(want.shape)}, "
+                                  f"got {getattr(v, 'dtype', type(v).__name__)} {tuple(getattr(v, 'shape', ()))}")
+        if key == "rng_torch":
+            torch.set_rng_state(v)
+        else:
+            torch.cuda.set_rng_state(v, device)
+
+
+def _fingerprint(x: torch.Tensor) -> dict:
+    """Shape, dtype and sha256 of a data tensor: a resume on other data is caught, not trained on."""
+    t = x.detach().contiguous().cpu()
+    digest = hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256": digest}
+
+
+RESUME_MODES = ("must-match", "force")
+_NOT_COMPARED = ("steps",)  # a resume may extend a run
+
+
+def _check_resume(resume) -> str | None:
+    if resume is True:
+        return "must-match"
+    if resume is False or resume is None:
+        return None
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be 'must-match' (the default), 'force' or False, got {resume!r}")
+    return resume
+
+
+def _show(v) -> str:
+    if isinstance(v, dict) and "sha256" in v:
+        return f"{v.get('shape')} {v.get('dtype')} sha256 {str(v['sha256'])[:10]}"
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _mask_summary(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.mask.detach().cpu() for name, m in model.named_modules()
+            if hasattr(m, "set_mask") and getattr(m, "mask", None) is not None}
+
+
+def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
+    if not masks:
+        return "no masks (dense)"
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    return f"{len(masks)} masked layers, density {kept / total:.3f}"
+
+
+def _differences(state, model: nn.Module, settings: dict) -> list[tuple[str, Any, Any]]:
+    """``(what, in the checkpoint, now)`` for every setting the resumed run would silently change."""
+    diffs = []
+    old = state.extra.get("settings", {})
+    for k in sorted(set(old) | set(settings)):
+        if k in _NOT_COMPARED or k not in old or k not in settings:
+            continue  # an older checkpoint that did not record k cannot be checked on it
+        if old[k] != settings[k]:
+            diffs.append((k, old[k], settings[k]))
+    mine = _model_config(model)
+    if mine is not None:
+        mine, theirs = ckpt._jsonable(mine), state.config["model"]
+        for k in sorted(set(mine) | set(theirs)):
+            if k == "T" and (mine.get("train_T") or theirs.get("train_T")):
+                continue  # a learned end time moves during training
+            if mine.get(k) != theirs.get(k):
+                diffs.append((f"model.{k}", theirs.get(k), mine.get(k)))
+    a, b = _mask_summary(state.model), _mask_summary(model)
+    if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
+        da, db = _describe_masks(a), _describe_masks(b)
+        if da == db:
+            db += " (another pattern)"
+        diffs.append(("masks", da, db))
+    return diffs
+
+
+def _check_optimizer_state(state, opt: torch.optim.Optimizer, path: Path) -> None:
+    """The saved Adam moments fit the parameters they will update (else the first step would fail
+    far from the cause)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved = [i for g in state.optimizer["param_groups"] for i in g["params"]]
+    if len(saved) != len(params):
+        raise CheckpointError(f"{path}: the optimizer state covers {len(saved)} parameters, the model has "
+                              f"{len(params)} trainable ones")
+    for pos, pid in enumerate(saved):
+        for key, v in state.optimizer["state"].get(pid, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != tuple(params[pos].shape):
+                raise CheckpointError(f"{path}: optimizer tensor optimizer.{pid}.{key} has shape {tuple(v.shape)}, "
+                                      f"its parameter {tuple(params[pos].shape)}")
 
 
 def _resume(path: Path, model, opt: torch.optim.Optimizer, history: History, settings: dict,
-            device: torch.device) -> tuple[int, float]:
+            device: torch.device, mode: str) -> tuple[int, float]:
     """Load ``path`` into the model, optimizer, history and RNG; the step to continue from and the
-    wall time already spent."""
-    state = ckpt.load_checkpoint(path, model=model)
-    old = state.extra.get("settings", {})
-    changed = [k for k in ("batch_size", "seed", "n_train", "reg") if k in old and old[k] != settings[k]]
-    if changed:
-        warnings.warn(f"resuming from {path} with different {changed}: the run will not "
-                      f"match an uninterrupted one", stacklevel=3)
+    wall time already spent. Any difference between the checkpoint's settings (data, model config,
+    masks, solver, optimizer) and this call's stops the run (``mode="must-match"``) or is warned
+    about (``"force"``)."""
+    state = ckpt.load_checkpoint(path)  # validated in full before it touches the caller's model
+    diffs = _differences(state, model, settings)
+    if diffs:
+        listing = "; ".join(f"{k}: {_show(a)} in the checkpoint, {_show(b)} now" for k, a, b in diffs)
+        if mode == "must-match":
+            raise ResumeMismatchError(
+                f"cannot resume from {path}: it was made with other settings ({listing}). Pass "
+                f"resume='force' to resume anyway, resume=False to start over, or another checkpoint_dir",
+                diffs)
+        warnings.warn(f"resuming from {path} with other settings ({listing}): the run will not match an "
+                      f"uninterrupted one", stacklevel=3)
+    ckpt._load_state_into(model, {k: v.to(device) for k, v in state.model.state_dict().items()}, state.path)
     if state.optimizer is not None:
-        opt.load_state_dict(state.optimizer)
-        for g in opt.param_groups:  # the caller's lr / weight decay win
+        _check_optimizer_state(state, opt, state.path)
+        try:
+            opt.load_state_dict(state.optimizer)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{state.path}: the optimizer state does not fit: {exc}") from None
+        for g in opt.param_groups:  # equal unless forced; then the caller's lr / weight decay win
             g["lr"], g["weight_decay"] = settings["lr"], settings["weight_decay"]
     if state.history is not None:
         history.rows = list(state.history.rows)
-    _set_rng_states(state.extra, device)
+    _set_rng_states(state.extra, device, state.path)
     t_spent = float(history.rows[-1].get("time", 0.0)) if history.rows else 0.0
     return int(state.extra.get("step", 0)), t_spent
 
@@ -238,7 +353,8 @@ class _Loop:
     """One training run's state; ``run(start)`` does steps ``start + 1 .. steps``."""
 
     def __init__(self, model, opt, params, train, val, o: _Options, history: History, settings: dict,
-                 ckpt_path: Path | None, device: torch.device, callback):
+                 ckpt_path: Path | None, device: torch.device, callback, ddp: DDPRun | None = None):
+        self.ddp = ddp  # None: this process alone; else its rank's share of a DDP run
         self.model, self.opt, self.params, self.train, self.val = model, opt, params, train, val
         self.o, self.history, self.settings, self.ckpt_path, self.device = o, history, settings, ckpt_path, device
         self.callback = callback
@@ -268,13 +384,17 @@ class _Loop:
 
     def _step(self, step: int) -> dict:
         """One optimizer step on minibatch ``step - 1``; its log row."""
-        model, o = self.model, self.o
-        x = self.train[self.batches.indices(step - 1).to(self.train.device)]
+        model, o, ddp = self.model, self.o, self.ddp
+        idx = self.batches.indices(step - 1)
+        if ddp is not None:
+            idx = ddp.local_indices(idx, step)
+        x = self.train[idx.to(self.train.device)]
         model.train()
+        log_prob = model.log_prob if ddp is None else ddp.log_prob
         if o.reg:
-            logp, stats = model.log_prob(x, return_stats=True)
+            logp, stats = log_prob(x, return_stats=True)
         else:
-            logp, stats = model.log_prob(x), None
+            logp, stats = log_prob(x), None
         nll = -logp.mean()
         loss = nll
         if stats is not None:
@@ -301,7 +421,7 @@ class _Loop:
             row["train_R"] = float(stats["R"].detach().mean())
             for k in REG_KEYS:
                 row[k] = float(stats[k].detach().mean())
-        return row
+        return row if ddp is None else ddp.reduce(row)
 
     def _evaluate(self, row: dict, step: int) -> dict:
         """Add ``R`` (every ``R_every`` steps) and the validation NLL (every ``eval_every``) to ``row``."""
@@ -309,6 +429,11 @@ class _Loop:
         was = model.training
         model.eval()
         try:
+            if self.ddp is not None:
+                return self.ddp.evaluate(
+                    model, row, step, self.r_x, self.val, do_R=bool(o.R_every) and step % o.R_every == 0,
+                    do_val=self.val is not None and (step % o.eval_every == 0 or step == o.steps),
+                    eval_batch=o.eval_batch, bits_per_dim=o.bits_per_dim)
             if o.R_every and step % o.R_every == 0:
                 row["R"], row["R_nfe"] = _measure_R(model, self.r_x)
             if self.val is not None and (step % o.eval_every == 0 or step == o.steps):
@@ -325,7 +450,14 @@ class _Loop:
 
     def _save(self, step: int) -> None:
         extra = {"step": step, "settings": self.settings, **_rng_states(self.device)}
-        ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+        if self.ddp is None:
+            ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+            return
+        # Rank 0 writes (atomically); the others wait, so no rank runs ahead of the last good
+        # checkpoint and a resume finds it complete.
+        if self.ddp.is_main:
+            ckpt.save(self.ckpt_path, self.model, optimizer=self.opt, history=self.history, extra=extra)
+        _dist.barrier()
 
 
 def _progress_bar(start: int, steps: int):
@@ -348,13 +480,24 @@ def _model_config(model) -> dict[str, Any] | None:
         return None
 
 
+def _wants_ddp(distributed: bool | None) -> bool:
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+    if distributed is False:
+        return False
+    if distributed is True and not (_dist.launched() or _dist.active()):
+        raise ValueError("distributed=True needs several processes: launch with torchrun --nproc-per-node N "
+                         "(WORLD_SIZE is unset or 1 here)")
+    return _dist.launched() or _dist.active()
+
+
 def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None, steps: int = 1000,
           batch_size: int = 256, lr: float = 1e-3, reg: dict | None = None, eval_every: int = 100,
           seed: int = 0, weight_decay: float = 0.0, bits_per_dim: Callable | None = None,
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-          resume: bool = True, progress: bool = True, R_batch: int = 128, R_every: int = 1,
+          resume: bool | str = "must-match", progress: bool = True, R_batch: int = 128, R_every: int = 1,
           eval_batch: int = 2048, max_grad_norm: float | None = None,
-          callback: Callable[[dict], None] | None = None) -> History:
+          callback: Callable[[dict], None] | None = None, distributed: bool | None = None) -> History:
     """Train ``model`` (a ``jf.CNF``) by maximum likelihood with Adam; returns a ``History``.
 
     Args:
@@ -370,32 +513,68 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
         bits_per_dim: ``bits_per_dim(log_prob [n], x [n, dim]) -> [n]`` (a ``jf.data`` dataset's
             ``ds.bits_per_dim``); adds the batch / validation means ``train_bpd`` / ``val_bpd``.
         checkpoint_dir: write a checkpoint to ``<checkpoint_dir>/last`` every ``checkpoint_every``
-            steps (default: every ``eval_every``) and at the end; with ``resume=True`` an existing one
-            is loaded first and training continues from its step.
+            steps (default: every ``eval_every``) and at the end. Checked before any step: a file in
+            the way or a ``last`` that is not a jsp_fast checkpoint is an error, never overwritten.
+        resume: what to do with an existing ``<checkpoint_dir>/last``. ``"must-match"`` (default;
+            ``True`` is the same): load it and continue from its step, but only if it was made with
+            the same data (shape + sha256 of ``train``/``val``), model config, masks, solver and
+            optimizer settings (``steps`` may grow); otherwise raise ``jf.errors.ResumeMismatchError``
+            listing the differences. ``"force"``: resume anyway, with a warning. ``False``: start
+            over (the old checkpoint is replaced at the first save).
         progress: show a tqdm progress bar.
         R_batch, R_every: the fixed validation batch (its first ``R_batch`` rows) on which
             ``R = mean ∫‖J‖_F dt`` is measured, every ``R_every`` steps (0 disables).
         eval_batch: chunk size of the validation pass.
         max_grad_norm: clip the gradient norm (off by default).
-        callback: called with each logged row.
+        callback: called with each logged row (on every rank of a distributed run; the rows agree).
+        distributed: ``None`` (default) trains with DistributedDataParallel when launched by torchrun
+            with more than one process (joining the process group it describes if none exists; it is
+            left at exit) and alone otherwise; ``False`` trains this process alone even
+            inside a process group; ``True`` requires torchrun. Each rank takes ``batch_size / W`` rows
+            of the single-process minibatch, rank 0 writes the checkpoints, and with the exact trace
+            and a fixed-step solver the run matches the single-process one up to float rounding
+            (Hutchinson noise is drawn per rank; see ``jsp_fast.training._ddp``).
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "log_prob"):
         raise TypeError(f"model must be a jf.CNF (an nn.Module with log_prob), got {type(model).__name__}")
     o = _check_options(steps, batch_size, lr, reg, eval_every, seed, weight_decay, bits_per_dim,
                        checkpoint_every, R_batch, R_every, eval_batch, max_grad_norm)
+    mode = _check_resume(resume)
     train, val, params = _check_inputs(model, train, val)
     device = params[0].device
+    ckpt_path = None
+    if checkpoint_dir is not None:
+        if not isinstance(checkpoint_dir, (str, Path)):
+            raise TypeError(f"checkpoint_dir must be a str or Path, got {type(checkpoint_dir).__name__}")
+        ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
+        ckpt.check_target(ckpt_path)  # now, not at the first save after minutes of training
+        if int(os.environ.get("RANK", "0")) == 0:  # the writer's leftovers; other nodes' pids are not ours to judge
+            ckpt.clean_stale(ckpt_path)
     opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     settings = o.settings(train, val)
     history = History(meta={"settings": settings, "model": _model_config(model)})
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    use_ddp = _wants_ddp(distributed)
 
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    if use_ddp:
+        _dist.join()  # launched by torchrun without a group yet: make it (kept until exit)
+    with _dist.guard("training") if use_ddp else nullcontext(), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(o.seed)
         start, t_spent = 0, 0.0
-        if ckpt_path is not None and resume and ckpt.exists(ckpt_path):
-            start, t_spent = _resume(ckpt_path, model, opt, history, settings, device)
+        if ckpt_path is not None and mode is not None and ckpt.exists(ckpt_path):
+            start, t_spent = _resume(ckpt_path, model, opt, history, settings, device, mode)
         model.apply_masks_()
-        loop = _Loop(model, opt, params, train, val, o, history, settings, ckpt_path, device, callback)
-        loop.run(start, t_spent, progress)
+        ddp = None
+        if use_ddp and _dist.active():
+            DDPRun.agree_on_start(start, ckpt_path)
+            ddp = DDPRun(model, o.seed, o.batch_size, device)
+            progress = progress and ddp.is_main
+        loop = _Loop(model, opt, params, train, val, o, history, settings, ckpt_path, device, callback, ddp)
+        try:
+            loop.run(start, t_spent, progress)
+            if ddp is not None:
+                ddp.check_masks(model, "after training")
+        finally:
+            if ddp is not None:
+                ddp.close()  # DDP's reducer must go before its process group does
     return history

@@ -11,6 +11,7 @@ import torch
 
 from ... import _act
 from ..._ext import _C
+from ...cnf import SolverError
 from ..plan import Plan
 from ..registry import FieldShape, LayerSpec, register_backend
 
@@ -93,6 +94,26 @@ class CpuField:
         jv = torch.empty(v.shape[0], B, plan.dim_out, dtype=z.dtype)
         plan.eval(float(t), z.numpy(), v.numpy(), f.numpy(), jv.numpy(), threads)
         return f, jv
+
+    # The whole solve in one native call (csrc/cpu/solve.cpp): torchdiffeq's dopri5 and fixed-grid
+    # solvers step for step, around the packed field.
+    def solve_refusal(self, solver: str, options: dict) -> str | None:
+        from . import _cpu_solve  # noqa: PLC0415  (small; kept out of the import of every backend)
+
+        if solver not in _cpu_solve.SOLVERS:
+            return f"solver {solver!r} (native: {_cpu_solve.SOLVERS})"
+        allowed = _cpu_solve._ADAPTIVE_OPTIONS if solver == "dopri5" else _cpu_solve._FIXED_OPTIONS
+        extra = sorted(set(options) - set(allowed))
+        return f"options {extra}" if extra else None
+
+    def solve(self, plan, z0, logp0, t0, t1, *, trace, noise, solver, rtol, atol, options):
+        from . import _cpu_solve  # noqa: PLC0415
+
+        try:
+            return _cpu_solve.odeint_native(plan, z0, logp0, t0, t1, trace=trace, noise=noise, solver=solver,
+                                            rtol=rtol, atol=atol, options=options)
+        except _C.SolveError as exc:  # one public type for a failed solve, native or torchdiffeq
+            raise SolverError(str(exc)) from exc
 
 
 register_backend("cpu", CpuBackend(), devices=("cpu",), priority=10, dtypes=_DTYPES,
