@@ -138,7 +138,7 @@ CASES += [
     ("load/unknown-device", lambda t: jf.load(saved(t), device="tpu"), ValueError, r"tpu"),
 
     # -- jf.sparsify
-    ("sparsify/not-a-CNF", lambda t: jf.sparsify("x"), TypeError, r"expects a jsp_fast.CNF"),
+    ("sparsify/not-a-module", lambda t: jf.sparsify("x"), TypeError, r"expects an nn.Module"),
     ("sparsify/unknown-backend", lambda t: jf.sparsify(cnf(), backend="foo"), ValueError,
      r"unknown or unavailable block-sparse backend 'foo'"),
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from ..errors import SolverError  # noqa: F401  (defined there, re-exported by jsp_fast.cnf)
 from .._device import check_device
+from .. import _linear_mask
 from ._layers import ODEnet, check_activation
 
 TRACES = ("exact", "hutchinson")
@@ -65,6 +66,24 @@ def _check_batch_size(batch_size) -> int | None:
         raise ValueError(f"batch_size must be a positive int (points per chunk) or None (a default "
                          f"chunk), got {batch_size!r}")
     return int(batch_size)
+
+
+def _field_jvp(field: nn.Module, t, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(f(t, z), J v)`` for tangents ``v`` [T, B, D]: the field's own ``jvp`` when it has one, else
+    ``torch.func.jvp`` (vmapped over the T tangents) through its ``forward``, so any ``f(t, z)`` works.
+    The result stays differentiable in the field's parameters (training through the trace)."""
+    jvp = getattr(field, "jvp", None)
+    if jvp is not None:
+        return jvp(t, z, v)
+
+    def one(vi):
+        return torch.func.jvp(lambda zz: field(t, zz), (z,), (vi,))
+
+    if v.shape[0] == 1:
+        f, jv = one(v[0])
+        return f, jv.unsqueeze(0)
+    f, jv = torch.func.vmap(one)(v)
+    return f[0], jv
 
 
 def _standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
@@ -102,11 +121,11 @@ class _Dynamics(nn.Module):
         n, d = z.shape
         if self.trace == "exact":
             v = torch.eye(d, dtype=z.dtype, device=z.device).unsqueeze(1).expand(d, n, d)
-            f, jv = self.field.jvp(t, z, v)
+            f, jv = _field_jvp(self.field, t, z, v)
             tr = torch.diagonal(jv, dim1=0, dim2=2).sum(-1)  # Σ_i (J e_i)_i, per sample
             fro2 = (jv * jv).sum(dim=(0, 2)) if self.stats else None
         else:
-            f, jv = self.field.jvp(t, z, self.eps.unsqueeze(0))
+            f, jv = _field_jvp(self.field, t, z, self.eps.unsqueeze(0))
             jv = jv[0]
             tr = (jv * self.eps).sum(-1)
             fro2 = (jv * jv).sum(-1) if self.stats else None
@@ -136,8 +155,9 @@ class CNF(nn.Module):
         rtol, atol: adaptive solver tolerances.
         T: integration end time. ``train_T`` makes it a parameter (FFJORD's learned end time).
         adjoint: integrate gradients with the adjoint method (memory O(1) in the steps).
-        net: use this field instead of building an ``ODEnet`` (anything with ``forward(t, z)`` and
-            ``jvp(t, z, v)``, e.g. a block-sparse ``SparseODEnet``).
+        net: use this field instead of building an ``ODEnet``: any module with ``forward(t, z)``
+            (e.g. a block-sparse ``SparseODEnet``, or your own torchdiffeq right-hand side). One with
+            ``jvp(t, z, v)`` gives the traces itself; for one without, they go through ``torch.func.jvp``.
     """
 
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh",
@@ -216,15 +236,28 @@ class CNF(nn.Module):
         return cls(**{k: cfg[k] for k in keys if k in cfg})
 
     def prunable_parameters(self) -> dict[str, nn.Parameter]:
-        """The main field weights ``W`` of every concatsquash layer, by their ``named_parameters`` name."""
-        return {name: p for name, p in self.named_parameters()
-                if name.startswith("net.layers.") and name.endswith(".linear.weight")}
+        """The main field weights ``W`` of every concatsquash layer, by their ``named_parameters`` name.
+
+        For a field of another kind (``net=`` your own module): the weight of every ``nn.Linear`` in it
+        that takes more than one input (a ``Linear(1, n)`` is a time hyper-layer), named
+        ``net.<module>.weight`` (the Parameter is ``weight_orig`` when it is pruned in
+        ``torch.nn.utils.prune``'s format).
+        """
+        # ODEnet and SparseODEnet (recognised without importing sparse/: it has sparse_layers).
+        if isinstance(self.net, ODEnet) or hasattr(self.net, "sparse_layers"):
+            return {name: p for name, p in self.named_parameters()
+                    if name.startswith("net.layers.") and name.endswith(".linear.weight")}
+        return {f"net.{q}.weight": _linear_mask.trainable_weight(m) for q, m in self.net.named_modules()
+                if isinstance(m, nn.Linear) and m.in_features > 1}
 
     def apply_masks_(self) -> None:
         """Re-zero pruned weights (``jf.train`` calls this after every optimizer step)."""
         for m in self.modules():
             if m is not self and hasattr(m, "apply_mask_"):
                 m.apply_mask_()
+            elif isinstance(m, nn.Linear) and _linear_mask.get_mask(m)[1] == "jf.prune":
+                with torch.no_grad():
+                    m.weight.mul_(m.weight_mask)
 
     # -- solving ---------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, what: str = "x") -> torch.Tensor:

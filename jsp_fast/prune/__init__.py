@@ -4,6 +4,11 @@
 default; see ``layers=``), builds bool masks (see ``_masks`` for granularity, scope, the global
 per-layer floor and the exact count) and applies them in place as each layer's ``weight_mask``
 buffer. ``prune.METHODS`` lists the scores.
+
+Where a mask lives: a concatsquash layer of ``jf.cnf.ODEnet`` holds it (``set_mask``); a plain
+``nn.Linear`` of a user field holds it in one of the two formats of ``jsp_fast._linear_mask`` (jf's
+zeroed weight + ``weight_mask`` buffer, or with ``as_torch_prune=True`` ``torch.nn.utils.prune``'s
+``weight_orig``/``weight_mask`` + forward pre-hook).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from torch import nn
 
 from .._blocks import as_block
 from .._device import check_device
+from .. import _linear_mask
 from . import _scores
 from ._masks import FALLBACKS, GRANULARITIES, SCOPES, build_masks, plan_layers
 
@@ -107,11 +113,45 @@ def _select_layers(layers, names: list[str]) -> list[str]:
     return chosen
 
 
+class _LinearOwner:
+    """A plain ``nn.Linear`` seen through the ``mask``/``set_mask`` interface of a concatsquash layer."""
+
+    def __init__(self, linear: nn.Linear, torch_format: bool):
+        self.linear, self.torch_format = linear, torch_format
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return _linear_mask.get_mask(self.linear)[0]
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        if mask is None:
+            _linear_mask.unprune(self.linear)
+        else:
+            _linear_mask.set_mask(self.linear, mask, self.torch_format)
+
+
+def _owner(model: nn.Module, name: str, as_torch_prune: bool):
+    """What holds the mask of the prunable parameter ``name``: the concatsquash layer owning
+    ``<layer>.linear.weight`` (it has ``set_mask``), else the ``nn.Linear`` owning ``<linear>.weight``."""
+    if name.endswith(".linear.weight"):
+        layer = model.get_submodule(name[: -len(".linear.weight")])
+        if hasattr(layer, "set_mask"):
+            if as_torch_prune:
+                raise ValueError(
+                    f"as_torch_prune=True needs nn.Linear layers called through their own forward (so "
+                    f"torch's pre-hook applies the mask); {name} belongs to a {type(layer).__name__}, which "
+                    f"keeps its mask as a weight_mask buffer. Use as_torch_prune=False for this model")
+            return layer
+    linear = model.get_submodule(name[: -len(".weight")])
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"prunable parameter {name} belongs to a {type(linear).__name__}, not an nn.Linear")
+    return _LinearOwner(linear, as_torch_prune)
+
+
 def _first_layer_inputs(model: nn.Module, first: str) -> torch.Tensor:
     """Kept weights per input column of the prunable parameter ``first`` (after masks are applied)."""
-    owner = model.get_submodule(first[: -len(".linear.weight")])
-    mask = getattr(owner, "mask", None)
-    w = model.get_parameter(first)
+    mask = getattr(_owner(model, first, False), "mask", None)
+    w = model.prunable_parameters()[first]
     if mask is None:
         return torch.full((w.shape[1],), w.shape[0], dtype=torch.int64)
     return mask.sum(0).to(device="cpu", dtype=torch.int64)
@@ -168,7 +208,8 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
           granularity: str = "unstructured", block=(32, 32), scope: str = "global",
           abs_scores: bool = False, n_batches: int = 1, batch_size: int | None = None, seed: int = 0,
           fallback: str = "unstructured", floor: float = 0.1, rounds: int | None = None,
-          layers: str | list[str] | tuple[str, ...] | Callable[[str], bool] = "all") -> PruneResult:
+          layers: str | list[str] | tuple[str, ...] | Callable[[str], bool] = "all",
+          as_torch_prune: bool = False) -> PruneResult:
     """Prune ``model``'s field weights at initialization, in place; returns a ``PruneResult``.
 
     Args:
@@ -201,6 +242,10 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
             put most of the budget into the narrow input and output layers and starve the hidden
             ones. Scores are still computed on the whole field (SynFlow needs the chain), then only
             the selected layers are ranked.
+        as_torch_prune: for a field of plain ``nn.Linear`` layers (``jf.CNF(dim, net=your_field)``),
+            leave the masks in ``torch.nn.utils.prune``'s format (``weight_orig``, ``weight_mask`` and
+            its forward pre-hook) instead of jf's (pruned weights zeroed, ``weight_mask`` buffer).
+            A ValueError for ``jf``'s own ``ODEnet``, whose layers do not call ``nn.Linear.forward``.
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown pruning method {method!r}; expected one of {METHODS}")
@@ -218,6 +263,8 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
         rounds = 100 if method == "synflow" else 1
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds <= 0:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    if not isinstance(as_torch_prune, bool):
+        raise TypeError(f"as_torch_prune must be True or False, got {as_torch_prune!r}")
     if not hasattr(model, "prunable_parameters"):
         raise TypeError(f"model must be a jf.CNF (with prunable_parameters()), got {type(model).__name__}")
     blk = as_block(block) if granularity == "block" else None
@@ -239,7 +286,7 @@ def prune(model: nn.Module, method: str = "jsp", sparsity: float = 0.9, data=Non
     start = time.perf_counter()
     info: dict = {}
     build = dict(kinds=kinds, block=blk or (1, 1), scope=scope, floor=floor)
-    owners = {name: model.get_submodule(name[: -len(".linear.weight")]) for name in params}
+    owners = {name: _owner(model, name, as_torch_prune) for name in params}
     saved = {name: (p.detach().clone(), owners[name].mask) for name, p in params.items()} if rounds > 1 else {}
     masks: dict[str, torch.Tensor] = {}
     try:
@@ -287,9 +334,18 @@ prune.LAYER_CHOICES = LAYER_CHOICES
 
 
 def remove_pruning(model: nn.Module) -> nn.Module:
-    """Bake the masks into plain weights (pruned entries stay 0) and drop the ``weight_mask`` buffers."""
+    """Bake the masks into plain weights (pruned entries stay 0) and drop them, in place.
+
+    Takes any module: jf's masks (concatsquash layers' ``weight_mask``, or a plain ``nn.Linear``'s) and
+    ``torch.nn.utils.prune``'s (``weight_orig``/``weight_mask`` and the forward pre-hook) alike. Unlike
+    ``torch.nn.utils.prune.remove``, the trainable Parameter stays the same object (now ``weight``).
+    """
     for m in model.modules():
         if hasattr(m, "set_mask") and getattr(m, "mask", None) is not None:
             m.apply_mask_()
             m.set_mask(None)
+        elif isinstance(m, nn.Module) and "weight_mask" in m._buffers:
+            if "weight_orig" not in m._parameters and "weight" not in m._parameters:
+                continue  # not a masked weight this function knows
+            _linear_mask.bake(m)
     return model

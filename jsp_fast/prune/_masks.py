@@ -25,14 +25,18 @@ FALLBACKS = ("unstructured", "dense", "error")
 
 
 class _Layer:
-    """One prunable weight cut into units; ``kind`` is "block", "element" or "dense"."""
+    """One prunable weight cut into units; ``kind`` is "block", "block_edge" (blocks and a kept last
+    column), "element" or "dense"."""
 
     def __init__(self, name: str, score: torch.Tensor, kind: str, block: tuple[int, int]):
         self.name, self.kind, self.shape = name, kind, tuple(score.shape)
         self.numel = score.numel()
-        if kind == "block":
+        if kind == "block_edge":  # blocks over all but the last column, which is kept (not counted)
+            score = score[:, :-1]
+            self.numel = score.numel()
+        if kind in ("block", "block_edge"):
             bm, bk = block
-            o, i = self.shape
+            o, i = score.shape
             self.grid = (o // bm, i // bk)
             self.size = bm * bk
             self.unit_scores = score.reshape(o // bm, bm, i // bk, bk).sum(dim=(1, 3)).reshape(-1)
@@ -51,10 +55,13 @@ class _Layer:
         return order[:k]
 
     def mask(self, block: tuple[int, int]) -> torch.Tensor:
-        if self.kind == "block":
+        if self.kind in ("block", "block_edge"):
             bm, bk = block
             grid = self.keep.reshape(self.grid)
-            return grid.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+            m = grid.repeat_interleave(bm, 0).repeat_interleave(bk, 1)
+            if self.kind == "block_edge":
+                m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=torch.bool, device=m.device)], 1)
+            return m
         if self.kind == "dense":
             return torch.ones(self.shape, dtype=torch.bool, device=self.keep.device)
         return self.keep.reshape(self.shape)
@@ -84,6 +91,12 @@ def plan_layers(shapes: dict[str, tuple[int, ...]], granularity: str, block: tup
                                  f"or 'dense' for such layers, a smaller block, or granularity='unstructured'")
             kinds[name] = "element" if fallback == "unstructured" else "dense"
             reasons[name] = f"{'unstructured' if fallback == 'unstructured' else 'dense'} mask: {why}"
+        elif o % bm == 0 and i % bk == 1:
+            # Linear(d + 1, h) on cat([z, t]) (a user field): blocks over the first d columns, the last
+            # one kept whole; jf.sparsify runs such a layer as blocks plus a dense edge.
+            kinds[name] = "block_edge"
+            reasons[name] = (f"block mask on the first {i - 1} columns; the last column (e.g. a concatenated "
+                             f"t) is kept")
         else:
             good = (math.gcd(o, bm), math.gcd(i, bk))
             raise ValueError(f"block {block} does not divide layer {name} of shape {(o, i)}. Use a block "

@@ -96,6 +96,17 @@ def grasp_scores(model, params, batches):
     return {n: p.detach() * h for (n, p), h in zip(params.items(), hg)}
 
 
+def _time_gate(model, name: str, p: torch.Tensor) -> torch.Tensor:
+    """The concatsquash time gate at t = 0 of the layer owning ``name``; 1 for a plain linear layer
+    (a user field's ``nn.Linear``: no gate)."""
+    if name.endswith(".linear.weight"):
+        layer = model.get_submodule(name[: -len(".linear.weight")])
+        if hasattr(layer, "gate_and_shift"):
+            t0 = torch.zeros((), dtype=p.dtype, device=p.device)
+            return layer.gate_and_shift(t0)[0]
+    return torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+
+
 def synflow_scores(model, params, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SynFlow (Tanaka et al., 2020) for a concatsquash field, on a float64 copy of the weights.
 
@@ -113,9 +124,7 @@ def synflow_scores(model, params, masks: dict[str, torch.Tensor]) -> dict[str, t
         ws[name] = p.detach().abs().to(torch.float64).requires_grad_(True)
     h = None
     for name, w in ws.items():
-        layer = model.get_submodule(name[: -len(".linear.weight")])
-        t0 = torch.zeros((), dtype=layer.linear.weight.dtype, device=w.device)
-        gate, _ = layer.gate_and_shift(t0)
+        gate = _time_gate(model, name, params[name])
         gate = gate.detach().to(torch.float64)
         m = masks.get(name)
         weff = w if m is None else w * m

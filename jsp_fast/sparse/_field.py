@@ -31,12 +31,13 @@ import copy
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _act
 from ..cnf._layers import ConcatSquashLinear, ODEnet
 from . import registry
-from ._modules import _BlockStorage
+from ._modules import _BlockStorage, under_func_transform
 from ._ops import bsr_linear, bsr_linear_jvp
 from .plan import BlockSparseWeight, as_block, infer_block, is_block_aligned
 from .registry import FieldShape, LayerSpec
@@ -301,6 +302,8 @@ class SparseODEnet(nn.Module):
                            trace=trace or "none", noise=noise, solver=solver, rtol=rtol, atol=atol, options=options)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if under_func_transform(z):  # inside a user field traced by torch.func (see under_func_transform)
+            return self._dense_forward(t, z)
         engine = self.fused_engine(z)
         if engine is not None:
             return self._fused(engine, t, z, None)[0]
@@ -308,6 +311,14 @@ class SparseODEnet(nn.Module):
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = layer(t, h, self.activation if i < last else "none", self.backend)
+        return h
+
+    def _dense_forward(self, t, z):
+        h = z
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            gate, shift = layer.gate_and_shift(t)
+            h = _act.apply(self.activation if i < last else "none", F.linear(h, layer.dense_weight()) * gate + shift)
         return h
 
     def jvp(self, t: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,13 +2,25 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _act
 from ._ops import bsr_linear
 from .plan import BlockSparseWeight, as_block, build_tables
 
-__all__ = ["BlockSparseLinear"]
+__all__ = ["BlockSparseLinear", "under_func_transform"]
+
+
+def under_func_transform(x: torch.Tensor) -> bool:
+    """True when ``x`` is being traced by a ``torch.func`` transform (``jvp``, ``vmap``, ``grad``).
+
+    The ``jsp_fast::bsr_*`` ops have neither forward-mode nor batching rules, so a block-sparse layer
+    computes with its dense (zero-filled) weight there instead: same function, dense speed. This is
+    the path ``jf.CNF`` takes for the trace of a user field that has no ``jvp`` of its own; plain
+    calls (a solve, ``sample``, training of the value) run the kernels.
+    """
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 _TABLES = ("_t_row_ptr", "_t_col_idx", "_t_block_row", "_t_col_ptr", "_t_row_idx", "_t_perm")
 
@@ -102,6 +114,8 @@ class BlockSparseLinear(_BlockStorage):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if under_func_transform(x):
+            return _act.apply(self.activation, F.linear(x, self.dense_weight(), self.bias))
         return bsr_linear(x, self.weight, None, self.bias, self.activation, backend=self.backend)
 
     def to_linear(self) -> nn.Linear:

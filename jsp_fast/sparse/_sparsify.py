@@ -1,38 +1,68 @@
-"""``jf.sparsify(model)``: a drop-in CNF whose pruned field layers run the block-sparse kernels."""
+"""``jf.sparsify(module)``: a drop-in copy whose pruned layers run the block-sparse kernels."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..cnf import CNF
-from ..cnf._layers import ODEnet
 from . import registry
-from ._field import SparseODEnet
+from ._convert import SparsifyReport, convert_module
+from ._field import SparseODEnet, _check_fused
 
-__all__ = ["sparsify"]
+__all__ = ["sparsify", "SparsifyReport"]
 
 
-def sparsify(model: CNF, backend: str = "auto", block: tuple[int, int] | int | None = None,
-             fused: bool | str = True) -> CNF:
-    """Return a copy of ``model`` (same configuration) whose field is a ``SparseODEnet``.
+def sparsify(module: nn.Module, masks: dict[str, torch.Tensor] | None = None, block=None, backend: str = "auto",
+             fused: bool | str = True) -> nn.Module:
+    """A copy of ``module`` with the same forward whose pruned layers run block-sparse.
 
-    Layers with a block-aligned ``weight_mask`` become block-sparse (only the kept blocks are stored and
-    trained); the others stay dense and are listed in ``result.net.dense_layers`` with the reason.
-    ``block`` is the block shape the masks were built with (``jf.prune(..., block=...)``); by default
-    it is recovered from each mask. ``backend``: ``"auto"`` or one of ``jf.backends.available()``.
-    ``fused=False`` disables the one-call fused field for inference; ``fused="cpu"|"cuda"|"triton"``
-    forces that fused field (an error where it cannot run); the per-layer ops are always used when
-    gradients are needed. The original model is not modified.
+    ``module``: a ``jf.CNF`` (the result is a ``jf.CNF`` with the same configuration) or any
+    ``nn.Module``: a torchdiffeq right-hand side ``f(t, z)``, another library's CNF or field, a plain
+    MLP. The copy carries ``result.sparsify_report`` (a ``SparsifyReport``: per linear layer what it
+    became, its block and density, where its mask came from, and for the ones left dense, why).
+
+    Masks are taken from ``jf.prune`` (``weight_mask`` buffers), from ``torch.nn.utils.prune``
+    (``weight_orig``/``weight_mask``; the copy keeps no pruning hook) and from ``masks``
+    (``{qualified nn.Linear name (or name + ".weight"): bool tensor of the weight's shape}``; combined
+    with a mask the layer already has). Converted: concatsquash fields (onto ``SparseODEnet``, one
+    fused call per evaluation), concatsquash layers of other code bases (FFJORD's ``_layer``,
+    ``_hyper_gate``, ``_hyper_bias``; gate and shift fused), ``nn.Linear`` layers (the activation module
+    after one in an ``nn.Sequential`` fused; SiLU applied after the kernel), and ``Linear(d + 1, h)`` on
+    ``cat([z, t])`` (the blocks sparse, the time column dense). Masks that are not block-aligned stay
+    dense (masked) and are reported.
+
+    ``block``: the block the masks were built with (an int or a pair); by default recovered from each
+    mask. Forced, a mask that is not aligned to it is a ValueError (layers smaller than the block stay
+    dense). ``backend``: ``"auto"`` or one of ``jf.backends.available()``. ``fused``: for concatsquash
+    fields, False disables the one-call fused field for inference; "cpu"|"cuda"|"triton" forces it.
+    The original module is not modified.
     """
-    if not isinstance(model, CNF):
-        raise TypeError(f"sparsify expects a jsp_fast.CNF, got {type(model).__name__}; "
-                        "for a bare field use jsp_fast.sparse.SparseODEnet.from_odenet(net)")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module (a jf.CNF, a torchdiffeq field, any model), "
+                        f"got {type(module).__name__}")
+    if isinstance(masks, str):
+        raise TypeError(f"masks must be a dict {{layer name: bool tensor}}, got the string {masks!r} "
+                        f"(the backend is the keyword backend=)")
     backend = registry.check_name(backend)
+    fused = _check_fused(fused)
+    if isinstance(module, CNF):
+        return _sparsify_cnf(module, masks, block, backend, fused)
+    out, report = convert_module(module, masks, block, backend, fused)
+    out.sparsify_report = report
+    return out
+
+
+def _sparsify_cnf(model: CNF, masks, block, backend, fused) -> CNF:
     net = model.net
     if isinstance(net, SparseODEnet):
-        net = net.to_odenet()
-    if not isinstance(net, ODEnet):
-        raise TypeError(f"sparsify needs a CNF whose field is a jsp_fast ODEnet, got {type(net).__name__}")
-    snet = SparseODEnet.from_odenet(net, backend=backend, block=block, fused=fused)
+        net = net.to_odenet()  # converts again through its dense equivalent (same layer names)
+    inner = {k[len("net."):]: v for k, v in (masks or {}).items() if k.startswith("net.")}
+    if masks and len(inner) != len(masks):
+        bad = [k for k in masks if not k.startswith("net.")]
+        raise ValueError(f"masks of a CNF are named from the CNF (the field is 'net'): got {bad}")
+    snet, report = convert_module(net, inner, block, backend, fused)
+    for r in report.layers:
+        r.name = f"net.{r.name}" if r.name else "net"
     cfg = model.config()
     keys = ("dim", "trace", "noise", "solver", "rtol", "atol", "adjoint", "train_T", "options")
     out = CNF(**{k: cfg[k] for k in keys}, T=1.0, net=snet)
@@ -41,4 +71,5 @@ def sparsify(model: CNF, backend: str = "auto", block: tuple[int, int] | int | N
     with torch.no_grad():
         out.sqrt_T.copy_(ref)
     out.train(model.training)
+    out.sparsify_report = report
     return out
