@@ -3,7 +3,6 @@ options need, and the lazy package root still serves every public name."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
