@@ -14,7 +14,7 @@ import sys
 from .._version import __version__
 from ..cnf import SolverError
 from ..training import CheckpointError
-from . import bench, compare, demo, runners
+from . import bench, compare, demo, figure2, runners
 from ._args import UsageError
 from ._common import PROG
 
@@ -36,9 +36,11 @@ COMMANDS = {
     "sample": (runners.sample_args, runners.cmd_sample, "draw samples from a checkpoint (.npy or .png)"),
     "eval": (runners.eval_args, runners.cmd_eval, "test NLL / bits-per-dim and NFE of a checkpoint"),
     "compare": (compare.add_arguments, compare.run, "prune methods x sparsities x seeds on one dataset -> report"),
+    "figure2": (figure2.add_arguments, figure2.run,
+                "the poster's Figure 2: JSP vs random pruning of one init on MNIST, paired statistics"),
     "bench": (bench.add_arguments, bench.run, "benchmarks: dense vs. sparse kernels and CNFs"),
 }
-_MODULES = {"compare": compare, "bench": bench}  # their module docstring's first line describes them
+_MODULES = {"compare": compare, "bench": bench, "figure2": figure2}  # their module docstring's first line describes them
 
 
 def build_parser() -> argparse.ArgumentParser:
