@@ -106,7 +106,7 @@ def test_plan_defaults_and_bad_options(tmp_path, capsys):
     assert {s.cell for s in specs} == {"dense", *CELLS}
     assert figure2.default_model(196) == ((224, 224), "hutchinson", (14, 14))
     assert figure2.default_model(784) == ((1024, 1024), "hutchinson", (16, 16))
-    assert figure2.default_model(2) == ((64, 64, 64), "exact", (16, 16))
+    assert figure2.default_model(2) == ((64, 64, 64), "exact", (8, 8))
     for extra, needle in ((("--variants", "abs,l1"), "abs, rounds, none"), (("--layers", "first"), "all, hidden"),
                           (("--variants", "none,abs"), "cannot be combined"), (("--sparsity", "1.5"), "[0, 1)")):
         code = cli.main(_argv(tmp_path / "bad", *extra)) if "cannot" in needle else None

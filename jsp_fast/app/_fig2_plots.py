@@ -111,7 +111,7 @@ def figure2_fig(by_method: dict[str, list[dict]], cell: str, val: dict | None):
     """Left: samples of the JSP-pruned model (lowest seed) above validation images. Right: R during
     training, random vs JSP (mean ± std band over seeds) in ``cell``."""
     plt = _plt()
-    fig = plt.figure(figsize=(11, 5.2))
+    fig = plt.figure(figsize=(11, 5.8))
     gs = fig.add_gridspec(2, 2, width_ratios=(1, 1.35))
     ax_s, ax_v, ax_r = fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[1, 0]), fig.add_subplot(gs[:, 1])
     jsp = sorted((r for r in by_method.get("jsp", []) if r.get("samples")), key=lambda r: r["seed"])
