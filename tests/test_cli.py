@@ -34,7 +34,7 @@ def _one_line_error(code, err):
     assert "Traceback" not in err
 
 
-SUBCOMMANDS = {"demo", "train", "sample", "eval", "compare", "bench"}
+SUBCOMMANDS = {"demo", "train", "sample", "eval", "compare", "bench", "figure2"}
 
 
 def test_help_for_every_subcommand(capsys):

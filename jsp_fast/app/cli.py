@@ -52,9 +52,11 @@ COMMANDS = {
     "sample": ("runners", "sample_args", "cmd_sample", "draw samples from a checkpoint (.npy or .png)"),
     "eval": ("runners", "eval_args", "cmd_eval", "test NLL / bits-per-dim and NFE of a checkpoint"),
     "compare": ("compare", "add_arguments", "run", "prune methods x sparsities x seeds on one dataset -> report"),
+    "figure2": ("figure2", "add_arguments", "run",
+                "the poster's Figure 2: JSP vs random pruning of one init on MNIST, paired statistics"),
     "bench": ("bench", "add_arguments", "run", "benchmarks: dense vs. sparse kernels and CNFs"),
 }
-_DOC_FROM_MODULE = {"compare", "bench"}  # their module docstring's first line describes them
+_DOC_FROM_MODULE = {"compare", "bench", "figure2"}  # their module docstring's first line describes them
 
 
 def _command_of(argv: list[str]) -> str | None:

@@ -29,6 +29,7 @@ from ._distributed import distributed
 from ._args import UsageError, names, nonneg_float, nonneg_int, pos_float, pos_int, pos_ints, sparsities
 from ._args import block as block_shape
 from ._args import nonneg_ints
+from ._evaluate import evaluate
 from ._records import REFERENCES, run_name
 from .report import write_report
 
@@ -119,20 +120,10 @@ def curves(hist: History) -> dict[str, list]:
             "val_step": [int(s) for s, _ in val_pts], "val_nll": [v for _, v in val_pts]}
 
 
-@torch.no_grad()
 def _evaluate(model, x: torch.Tensor, tol: float, bits_per_dim=None) -> dict:
-    rtol, atol = model.rtol, model.atol
-    model.rtol = model.atol = tol
-    try:
-        t = time.perf_counter()
-        logp, stats = model.log_prob(x, return_stats=True)
-        out = {"test_nll": float(-logp.mean()), "test_nfe_forward": model.nfe["forward"],
-               "test_R": float(stats["R"].mean()), "eval_seconds": time.perf_counter() - t}
-        if bits_per_dim is not None:
-            out["test_bpd"] = float(bits_per_dim(logp, x).mean())
-        return out
-    finally:
-        model.rtol, model.atol = rtol, atol
+    # figure2 (issue 16): NLL and NFE from a plain log_prob solve, R from its own solve (exact for
+    # dim <= 16, else 8 probes per point): see app/_evaluate.py.
+    return evaluate(model, x, tol, bits_per_dim)
 
 
 def _samples(model, ds, n: int, dim: int, seed: int) -> dict:
@@ -142,7 +133,7 @@ def _samples(model, ds, n: int, dim: int, seed: int) -> dict:
         s = model.sample(n if dim <= 8 else min(n, 64), seed=seed)
         out = {}
         if getattr(ds, "to_pixels", None) is not None and getattr(ds, "shape", None):
-            s = ds.to_pixels(s) / 16.0  # digits' pixels take the levels 0..16
+            s = ds.to_pixels(s) / (ds.info.get("levels", 17) - 1)  # to [0, 1]: digits 0..16, MNIST 0..255
             out["samples_shape"] = list(ds.shape)
         out["samples"] = [[round(float(v), 4) for v in row] for row in s]
         return out

@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from .._io import atomic_write_text
-from . import plots
+from . import _paired, plots
+from ._evaluate import MEASURE_NOTE
 from ._records import groups, mean_std, run_name
 
 __all__ = ["write_report"]
@@ -34,12 +35,29 @@ def _header(records: list[dict], command: str) -> list[str]:
     if records:
         cfg = records[0]["config"]
         lines += ["Config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()), ""]
-        lines += ["Test metrics come from one solve of the test set at the evaluation tolerance "
+        lines += ["Test metrics come from the test set at the evaluation tolerance "
                   f"(rtol = atol = {cfg['eval_tol']:g}). *(end)* columns are means over the last 10% of training at the "
                   f"training tolerance ({cfg['tol']:g}): NFE-F of the training solve, and R measured by `jf.train` on "
                   f"a fixed validation batch. NLL in nats; mean ± std over seeds.",
                   ""]
+        lines += _measure_lines(records)
     return lines
+
+
+def _measure_lines(records: list[dict]) -> list[str]:
+    """Issue 16: say how test NFE and R were measured (older records: NFE of the solve with R stats)."""
+    new = [r["measure"] for r in records if r.get("measure")]
+    old = len(records) - len(new)
+    lines = []
+    if new:
+        m = new[0]
+        lines.append(f"Measured (runs recorded since issue 16): {MEASURE_NOTE}; R is {m['R']}, on "
+                     f"{m['R_points']} test points.")
+    if old:
+        lines.append(f"{old} older run record(s) without `measure`: their test NFE-F counts a solve that also "
+                     f"integrated R and the RNODE terms (18-62% more steps than a plain solve), and their R used "
+                     f"one Hutchinson vector per point for Hutchinson traces.")
+    return lines + [""] if lines else []
 
 
 def _table(records: list[dict]) -> list[str]:
@@ -96,6 +114,7 @@ def write_report(out: Path, records: list[dict], command: str = "", failed: dict
     name: error} of runs that failed (listed after the tables, which hold every finished run)."""
     out = Path(out)
     lines = _header(records, command) + _table(records) + _against_random(records)
+    lines += _paired.section(records)  # issue 16: t-intervals and sign tests
     if failed:
         lines += ["", f"## Failed runs ({len(failed)})", "", "Not in the tables above; rerun the command to retry them.",
                   ""] + [f"- `{name}`: {err}" for name, err in sorted(failed.items())]
