@@ -10,12 +10,13 @@ the six look-up tables (so ``torch.compile``/``opcheck`` see plain tensors) and 
 
 and one for the elementwise part of their backward (no weight involved):
 
-    jsp_fast::bsr_bwd_epilogue(gy?, gyd?, y, ud?, scale?, act, need_bias, backend) -> (G, GU, gbias)
+    jsp_fast::bsr_bwd_epilogue(gy?, gyd?, y, ud?, scale?, act, need_bias, backend) -> (G, gbias)
 
-``G = [gpre; gdu]`` stacks the gradients w.r.t. the pre-activation and the tangent products, ``GU = G ⊙
-scale`` is what ``t_matmul`` takes, ``gbias = Σ_b gpre`` (formulas: ``backends/torch_ref.py``
-``bwd_epilogue_reference``). On the CPU it is one native pass instead of ~4-8 torch elementwise passes
-per layer; stacking lets one ``t_matmul`` and one ``weight_grad`` serve the value and every tangent.
+``G = [gpre; gdu]`` stacks the gradients w.r.t. ``scale ⊙ u`` and ``scale ⊙ ud[t]`` (u = x Wᵀ, ud[t] =
+x_dot[t] Wᵀ), ``gbias = Σ_b gpre`` (formulas: ``backends/torch_ref.py`` ``bwd_epilogue_reference``). On
+the CPU it is one native pass instead of ~4-8 torch elementwise passes per layer; stacking lets one
+``t_matmul`` and one ``weight_grad`` serve the value and every tangent. ``scale`` is folded into the
+kept blocks for ``t_matmul`` (``(G ⊙ scale) W = G (scale ⊙ W)``: O(weights) instead of another [B, n] pass).
 
 Autograd: every backward is written with these same ops plus differentiable torch ops, so it is
 itself differentiable (double backward, needed because CNF training differentiates through the
@@ -127,18 +128,16 @@ def _epilogue_impl(backend: str):
 
 @torch.library.custom_op("jsp_fast::bsr_bwd_epilogue", mutates_args=())
 def bsr_bwd_epilogue(gy: Optional[Tensor], gyd: Optional[Tensor], y: Tensor, ud: Optional[Tensor],
-                     scale: Optional[Tensor], act: str, need_bias: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    G, GU, gb = _epilogue_impl(backend)(_c(gy), _c(gyd), _c(y), _c(ud), _c(scale), act, need_bias)
-    # Custom ops return tensors only: an absent GU / gbias is an empty tensor.
-    return G, (GU if GU is not None else y.new_empty(0)), (gb if gb is not None else y.new_empty(0))
+                     scale: Optional[Tensor], act: str, need_bias: bool, backend: str) -> tuple[Tensor, Tensor]:
+    G, gb = _epilogue_impl(backend)(_c(gy), _c(gyd), _c(y), _c(ud), _c(scale), act, need_bias)
+    # Custom ops return tensors only: an absent gbias is an empty tensor.
+    return G, (gb if gb is not None else y.new_empty(0))
 
 
 @bsr_bwd_epilogue.register_fake
 def _(gy, gyd, y, ud, scale, act, need_bias, backend):
     rows = y.shape[0] * (1 + (0 if gyd is None else gyd.shape[0]))
-    G = y.new_empty(rows, y.shape[1])
-    return G, (y.new_empty(rows, y.shape[1]) if scale is not None else y.new_empty(0)), \
-        (y.new_empty(y.shape[1]) if need_bias else y.new_empty(0))
+    return y.new_empty(rows, y.shape[1]), (y.new_empty(y.shape[1]) if need_bias else y.new_empty(0))
 
 
 # ---- autograd -------------------------------------------------------------------------------------
@@ -156,9 +155,17 @@ def _dddact_dy(act: str, y: Tensor) -> Tensor | None:
 
 
 def _epilogue(gy, gyd, y, ud, scale, act, need_bias, backend):
-    """``(G, GU, gbias)`` of ``bsr_bwd_epilogue`` with the absent ones as None (GU = G without scale)."""
-    G, GU, gb = bsr_bwd_epilogue(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias, backend)
-    return G, (GU if scale is not None else G), (gb if need_bias else None)
+    """``(G, gbias or None)`` of ``bsr_bwd_epilogue``."""
+    G, gb = bsr_bwd_epilogue(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias, backend)
+    return G, (gb if need_bias else None)
+
+
+def _scaled(values, scale, tables):
+    """The kept blocks with their rows scaled, ``scale ⊙ W`` (differentiable): ``t_matmul`` of them is
+    ``(g ⊙ scale) W``."""
+    if scale is None:
+        return values
+    return values * scale.reshape(-1, values.shape[1])[tables[2]].unsqueeze(2)
 
 
 def _epi_setup(ctx, inputs, output):
@@ -168,7 +175,7 @@ def _epi_setup(ctx, inputs, output):
     ctx.save_for_backward(gy, gyd, y, ud, scale, output[0])
 
 
-def _epi_backward(ctx, aG, aGU, agb):
+def _epi_backward(ctx, aG, agb):
     # The chain rule through the formulas of bwd_epilogue_reference, in differentiable torch ops.
     gy, gyd, y, ud, s, G = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -178,10 +185,6 @@ def _epi_backward(ctx, aG, aGU, agb):
     dd = _act.ddact_dy(act, y)
     A = torch.zeros_like(G) if aG is None else aG
     g_s = None
-    if s is not None and aGU is not None and aGU.numel():
-        A = A + aGU * s
-        if need[4]:
-            g_s = (aGU * G).sum(0)
     Ap = A[:Bn]
     if ctx.need_bias and agb is not None and agb.numel():
         Ap = Ap + agb
@@ -257,12 +260,12 @@ def _fwd_backward(ctx, gy):
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
     need_b = ctx.has_bias and need[9]
-    if act == "none" and scale is None:
-        gpre = gu = gy
+    if act == "none":
+        gpre = gy
         gbias = gy.sum(0) if need_b else None
     else:
-        gpre, gu, gbias = _epilogue(gy, None, y, None, scale, act, need_b, backend)
-    gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
+        gpre, gbias = _epilogue(gy, None, y, None, scale, act, need_b, backend)
+    gx = bsr_t_matmul(gpre, _scaled(values, scale, tables), *tables, backend) if need[0] else None
     gv, gscale = _weight_and_scale_grads(gpre, x, values, tables, scale, backend, need[1],
                                          ctx.has_scale and need[8])
     return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
@@ -281,8 +284,8 @@ def _jvp_setup(ctx, inputs, output):
 
 def _jvp_backward(ctx, gy, gyd):
     # y = act(pre), pre = s ⊙ u + b, u = x Wᵀ;  y_dot[t] = d(y) ⊙ s ⊙ ud[t], ud[t] = x_dot[t] Wᵀ.
-    # The epilogue op stacks the gradients w.r.t. u's pre-activation and every ud[t] into G (and G ⊙ s
-    # into GU), so one t_matmul gives both input gradients and one weight_grad the weight's.
+    # The epilogue op stacks the gradients w.r.t. s ⊙ u and every s ⊙ ud[t] into G, so one t_matmul (over
+    # the row-scaled blocks) gives both input gradients and one weight_grad the weight's.
     x, x_dot, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
@@ -293,16 +296,18 @@ def _jvp_backward(ctx, gy, gyd):
     if gyd is not None and act in _HAS_SECOND:  # y_dot depends on y through d(y): needs x_dot Wᵀ again
         ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, -1)
     need_b = ctx.has_bias and need[10]
-    G, GU, gbias = _epilogue(gy, gyd, y, ud, scale, act, need_b, backend)
+    G, gbias = _epilogue(gy, gyd, y, ud, scale, act, need_b, backend)
     tang = gyd is not None  # G has the T tangent blocks below the first Bn rows
     gx = gxd = None
-    if need[0] and need[1] and tang:
-        GX = bsr_t_matmul(GU, values, *tables, backend)
-        gx, gxd = GX[:Bn], GX[Bn:].reshape(T, Bn, K)
-    elif need[0]:
-        gx = bsr_t_matmul(GU[:Bn], values, *tables, backend)
-    elif need[1] and tang:
-        gxd = bsr_t_matmul(GU[Bn:], values, *tables, backend).reshape(T, Bn, K)
+    if need[0] or (need[1] and tang):
+        vs = _scaled(values, scale, tables)
+        if need[0] and need[1] and tang:
+            GX = bsr_t_matmul(G, vs, *tables, backend)
+            gx, gxd = GX[:Bn], GX[Bn:].reshape(T, Bn, K)
+        elif need[0]:
+            gx = bsr_t_matmul(G[:Bn], vs, *tables, backend)
+        else:
+            gxd = bsr_t_matmul(G[Bn:], vs, *tables, backend).reshape(T, Bn, K)
     gv, gscale = None, None
     if need[2] or (ctx.has_scale and need[9]):
         xs = torch.cat([x, x_dot.reshape(T * Bn, K)]) if tang else x

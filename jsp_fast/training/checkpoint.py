@@ -34,6 +34,7 @@ from torch import nn
 
 from .._version import __version__
 from ..cnf import CNF, ODEnet
+from . import _sparse
 from .history import History
 
 FORMAT = "jsp_fast.checkpoint"
@@ -102,6 +103,8 @@ def _model_config(model: nn.Module) -> dict:
     if not hasattr(model, "config"):
         raise TypeError(f"can only save a jf.CNF (a model with config()), got {type(model).__name__}")
     net = getattr(model, "net", None)
+    if _sparse.is_sparse(model):  # a sparse checkpoint: the layout rebuilds the SparseODEnet on load
+        return _jsonable({**model.config(), "sparse": _sparse.layout(net)})
     if net is not None and not isinstance(net, ODEnet):
         raise TypeError(f"cannot save a CNF whose field is a {type(net).__name__}: save the dense/masked "
                         f"model before jf.sparsify() and sparsify it again after loading")
@@ -280,14 +283,17 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
         if cfg.get("class", "CNF") != "CNF":
             raise CheckpointError(f"checkpoint {path} holds a {cfg.get('class')}, not a CNF")
         try:
-            model = CNF.from_config(cfg["model"])
-        except (TypeError, ValueError, KeyError) as exc:
+            sparse = _sparse.is_sparse_config(cfg["model"])
+            model = _sparse.from_config(cfg["model"], sd) if sparse else CNF.from_config(cfg["model"])
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"checkpoint {path} has an invalid model config: {exc}") from None
         if device is not None:
             model = model.to(device)
     else:
         mine = _jsonable(model.config()) if hasattr(model, "config") else None
         theirs = cfg.get("model", {})
+        if _sparse.mismatch(model, theirs):
+            raise CheckpointError(f"checkpoint {path} {_sparse.mismatch(model, theirs)}")
         if mine is not None:
             for k in ("dim", "hidden", "activation"):
                 if k in theirs and mine.get(k) != theirs[k]:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from . import _sparse
 from . import checkpoint as ckpt
 from .history import History
 
@@ -354,7 +355,7 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           resume: bool = True, progress: bool = True, R_batch: int = 128, R_every: int = 1,
           eval_batch: int = 2048, max_grad_norm: float | None = None,
-          callback: Callable[[dict], None] | None = None) -> History:
+          callback: Callable[[dict], None] | None = None, sparse: bool = False) -> History:
     """Train ``model`` (a ``jf.CNF``) by maximum likelihood with Adam; returns a ``History``.
 
     Args:
@@ -378,17 +379,26 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
         eval_batch: chunk size of the validation pass.
         max_grad_norm: clip the gradient norm (off by default).
         callback: called with each logged row.
+        sparse: train on the block-sparse kernels (``model`` block-pruned): a sparse copy of ``model`` is
+            trained and its values are written back into ``model`` at the end; checkpoints are sparse.
+            Layers that cannot be block-sparse stay dense (a warning lists them). See ``training/_sparse.py``.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "log_prob"):
         raise TypeError(f"model must be a jf.CNF (an nn.Module with log_prob), got {type(model).__name__}")
     o = _check_options(steps, batch_size, lr, reg, eval_every, seed, weight_decay, bits_per_dim,
                        checkpoint_every, R_batch, R_every, eval_batch, max_grad_norm)
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    target = model
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be True or False, got {sparse!r}")
+    if sparse:  # train a block-sparse copy; write_back below (see training/_sparse.py)
+        saved = ckpt.load(ckpt_path) if ckpt_path is not None and resume and ckpt.exists(ckpt_path) else None
+        model = _sparse.training_copy(model, saved)
     train, val, params = _check_inputs(model, train, val)
     device = params[0].device
     opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     settings = o.settings(train, val)
     history = History(meta={"settings": settings, "model": _model_config(model)})
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(o.seed)
@@ -397,5 +407,8 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
             start, t_spent = _resume(ckpt_path, model, opt, history, settings, device)
         model.apply_masks_()
         loop = _Loop(model, opt, params, train, val, o, history, settings, ckpt_path, device, callback)
-        loop.run(start, t_spent, progress)
+        try:
+            loop.run(start, t_spent, progress)
+        finally:
+            _sparse.write_back(model, target)  # no-op unless sparse
     return history

@@ -64,11 +64,11 @@ class CpuBackend:
         B, n = y.shape
         T = 0 if gyd is None else gyd.shape[0]
         G = torch.empty((1 + T) * B, n, dtype=y.dtype)
-        GU = None if scale is None else torch.empty_like(G)
         gb = torch.empty(n, dtype=y.dtype) if need_bias else None
-        _C.bsr_bwd_epilogue(_np(gy), _np(gyd), _np(y), _np(ud), _np(scale), _act.code(act), G.numpy(), _np(GU),
+        # GU (G ⊙ scale) is not asked for: the ops fold scale into the blocks for t_matmul instead.
+        _C.bsr_bwd_epilogue(_np(gy), _np(gyd), _np(y), _np(ud), _np(scale), _act.code(act), G.numpy(), None,
                             _np(gb), torch.get_num_threads())
-        return G, GU, gb
+        return G, gb
 
 
 def _host(x: torch.Tensor, dtype: torch.dtype):

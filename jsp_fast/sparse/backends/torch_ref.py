@@ -21,10 +21,10 @@ def bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias):
     ``dd = d act'/dy`` read off ``y``,
 
         gdu[t] = gyd[t] ⊙ d,   gpre = (gy + dd ⊙ scale ⊙ Σ_t gyd[t] ⊙ ud[t]) ⊙ d,
-        G = [gpre; gdu] ([(1+T)·B, n]),   GU = G ⊙ scale,   gbias = Σ_b gpre.
+        G = [gpre; gdu] ([(1+T)·B, n]),   gbias = Σ_b gpre.
 
     ``gy``/``gyd`` may be None (zero); ``ud`` is needed when ``gyd`` is given and ``dd`` is not zero.
-    Returns ``(G, GU or None when scale is None, gbias or None)``.
+    Returns ``(G, gbias or None)``.
     """
     d = _act.dact_from_y(act, y)
     q = gy if gy is not None else torch.zeros_like(y)
@@ -39,8 +39,7 @@ def bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias):
             q = q + dd * (S if scale is None else S * scale)
     gpre = q * d
     G = torch.cat([gpre, *parts]) if parts else gpre
-    GU = None if scale is None else G * scale
-    return G.contiguous(), GU, (gpre.sum(0) if need_bias else None)
+    return G.contiguous(), (gpre.sum(0) if need_bias else None)
 
 
 class TorchBackend:
