@@ -72,8 +72,8 @@ def training_copy(model: nn.Module, saved: nn.Module | None = None, backend: str
     """
     if saved is not None:
         if not is_sparse(saved):
-            raise ValueError("the checkpoint to resume from was written by a dense run (sparse=False): "
-                             "resume it with sparse=False, or start over in a new checkpoint directory")
+            raise ValueError("the checkpoint to resume from was written by a dense run: resume it with sparse=False "
+                             "(--no-sparse), or start over in a new checkpoint directory")
         ref = next(model.parameters())
         return saved.to(device=ref.device, dtype=ref.dtype)  # a load builds float32; the run's dtype wins
     if is_sparse(model):
@@ -86,7 +86,7 @@ def training_copy(model: nn.Module, saved: nn.Module | None = None, backend: str
     if not net.sparse_layers:
         reasons = "; ".join(f"layer {i}: {r}" for i, r in net.dense_layers.items())
         raise ValueError("sparse=True needs a block-pruned model (jf.prune(..., granularity='block')), but no "
-                         f"layer of the field can be block-sparse ({reasons}); train with sparse=False")
+                         f"layer of the field can be block-sparse ({reasons}); train with sparse=False (--no-sparse)")
     if net.dense_layers:
         warnings.warn("sparse training: these field layers stay dense: "
                       + "; ".join(f"layer {i}: {r}" for i, r in net.dense_layers.items()), stacklevel=3)
