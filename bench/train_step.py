@@ -1,6 +1,7 @@
 """One training step on the CPU: masked dense vs. torch.compile vs. the block-sparse kernels.
 
     python bench/train_step.py [--repeats 7] [--sparsities 0.9,0.8] [--threads 2] [--write]
+    python bench/train_step.py --plot docs/sparse_training_nll.png [--plot-steps 100]
 
 A step is what ``jf.train`` does per minibatch minus the optimizer update: ``log_prob`` of a batch with
 the Hutchinson trace (a dopri5 solve, field evaluated through ``jvp``), the mean NLL, and its backward
@@ -15,6 +16,9 @@ the Hutchinson trace (a dopri5 solve, field evaluated through ``jvp``), the mean
 All three solve the same ODE (same weights, same noise per repeat: the RNG is re-seeded before each
 step), timed round-robin (``jsp_fast._timing.round_robin``); medians. Prints a markdown table; with
 ``--write`` replaces the "## Training step (CPU)" section of bench/RESULTS.md.
+
+``--plot PNG`` instead trains the masked dense model and ``jf.train(..., sparse=True)`` from the same
+pruned initialisation and seed (the first sparsity of ``--sparsities``) and plots both NLL curves.
 """
 from __future__ import annotations
 
@@ -117,6 +121,39 @@ def table(rows, providers) -> str:
     return "\n".join(out)
 
 
+def plot(path: str, sparsity: float, method: str, hidden, batch: int, steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = jf.data.digits(seed=0)
+    model, _ = build(sparsity, method, hidden, batch)
+    model.rtol = model.atol = 1e-3
+    hists, secs = {}, {}
+    for name, sparse in (("masked dense", False), ("sparse (jf.train sparse=True)", True)):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        hists[name] = jf.train(m, ds.train, ds.val, steps=steps, batch_size=batch, lr=1e-3, eval_every=max(steps // 5, 1),
+                               seed=0, R_every=0, progress=False, sparse=sparse)
+        secs[name] = time.perf_counter() - t0
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for (name, h), style in zip(hists.items(), ("-", "--")):
+        steps_, nll = h.column("train_nll")
+        ax.plot(steps_, nll, style, label=f"{name} train ({secs[name]:.0f} s)")
+        vs, vn = h.column("val_nll")
+        ax.plot(vs, vn, style, marker="o", label=f"{name} val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL (nats)")
+    ax.set_title(f"digits, {'x'.join(map(str, hidden))}, {sparsity:.0%} block sparsity (32x32), batch {batch}, seed 0")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    (a, b) = (h.column("train_nll")[1] for h in hists.values())
+    print(f"max |Δ train NLL| over {steps} steps: {max(abs(x - y) for x, y in zip(a, b)):.2e}; "
+          + ", ".join(f"{k}: {v:.1f} s" for k, v in secs.items()) + f" -> {path}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=7)
@@ -128,8 +165,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     p.add_argument("--write", action="store_true", help="replace the section of bench/RESULTS.md")
+    p.add_argument("--plot", default=None, help="train dense and sparse, plot the NLL curves to this PNG")
+    p.add_argument("--plot-steps", type=int, default=100)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.plot:
+        plot(a.plot, a.sparsities[0], a.method, (a.hidden,) * a.layers, a.batch, a.plot_steps)
+        return 0
     providers = tuple(q for q in PROVIDERS if not (a.no_compile and q == "compiled"))
     hidden = (a.hidden,) * a.layers
     t0 = time.perf_counter()

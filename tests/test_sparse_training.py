@@ -158,7 +158,7 @@ def _data(n=160, dim=8, seed=5):
     return torch.randn(n, dim, generator=g, dtype=D) * torch.linspace(0.5, 1.5, dim, dtype=D)
 
 
-TRAIN = dict(steps=6, batch_size=32, eval_every=3, progress=False, seed=2, lr=5e-3, R_batch=32)
+TRAIN = {"steps": 6, "batch_size": 32, "eval_every": 3, "progress": False, "seed": 2, "lr": 5e-3, "R_batch": 32}
 
 
 @pytest.mark.parametrize("reg", [None, {"kinetic": 0.01, "jacobian": 0.01}])
@@ -169,7 +169,7 @@ def test_train_sparse_matches_masked_dense(reg):
     h_d = jf.train(dense, x[:128], x[128:], reg=reg, **TRAIN)
     h_s = jf.train(sp, x[:128], x[128:], reg=reg, sparse=True, **TRAIN)
     assert isinstance(sp.net, jf.cnf.ODEnet)  # the caller's model stays a masked dense model
-    steps, nll_d = h_d.column("train_nll")
+    _, nll_d = h_d.column("train_nll")
     _, nll_s = h_s.column("train_nll")
     assert len(nll_s) == 6 and max(abs(a - b) for a, b in zip(nll_d, nll_s)) < 1e-8
     assert abs(h_d.last("val_nll") - h_s.last("val_nll")) < 1e-8

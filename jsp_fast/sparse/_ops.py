@@ -169,7 +169,7 @@ def _scaled(values, scale, tables):
 
 
 def _epi_setup(ctx, inputs, output):
-    gy, gyd, y, ud, scale, act, need_bias, backend = inputs
+    gy, gyd, y, ud, scale, act, need_bias, _backend = inputs
     ctx.act, ctx.need_bias = act, need_bias
     ctx.T = 0 if gyd is None else gyd.shape[0]
     ctx.save_for_backward(gy, gyd, y, ud, scale, output[0])
