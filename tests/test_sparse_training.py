@@ -216,6 +216,13 @@ def test_sparse_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(CheckpointError, match="block-sparse"):
         jf.train(copy.deepcopy(model), x[:128], x[128:], checkpoint_dir=tmp_path / "b", **{**kw, "steps": 7})
+    # an already sparse model is trained (and resumed) in place
+    sp = jf.sparsify(model)
+    jf.train(sp, x[:128], x[128:], sparse=True, checkpoint_dir=tmp_path / "c", **{**kw, "steps": 3})
+    sp2 = jf.sparsify(model)
+    jf.train(sp2, x[:128], x[128:], sparse=True, checkpoint_dir=tmp_path / "c", **kw)
+    for a, b in zip(jf.sparsify(full).state_dict().values(), sp2.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_sparse_save_load_roundtrip(tmp_path):

@@ -70,14 +70,14 @@ def training_copy(model: nn.Module, saved: nn.Module | None = None, backend: str
     ``saved``: the model of the checkpoint the run resumes from (its structure wins: the caller's model may
     not be pruned yet, e.g. the CLI resuming a run). A sparse ``model`` is trained as it is.
     """
+    if is_sparse(model):  # trained as it is (a resume loads the checkpoint into it)
+        return model
     if saved is not None:
         if not is_sparse(saved):
             raise ValueError("the checkpoint to resume from was written by a dense run: resume it with sparse=False "
                              "(--no-sparse), or start over in a new checkpoint directory")
         ref = next(model.parameters())
         return saved.to(device=ref.device, dtype=ref.dtype)  # a load builds float32; the run's dtype wins
-    if is_sparse(model):
-        return model
     if not isinstance(model, CNF) or not isinstance(model.net, ODEnet):
         raise TypeError(f"sparse=True trains a jf.CNF whose field is a jsp_fast ODEnet, got {type(model).__name__}"
                         + (f" with a {type(model.net).__name__} field" if isinstance(model, CNF) else ""))
