@@ -46,8 +46,9 @@ element on one core; the scalar transpose it replaced took ~0.55 ns); (2) per re
 which a longer reduction per tile would amortise. A perf profile of fwd at 5.7% density on one thread
 splits the kernel's time 59% product, 27% epilogue and stores, 13% packing (before the vectorised
 packing: 52 / 24 / 25). `fwd_bwd` adds the input gradient (the same kernel over the transposed table), the
-weight gradient (threads own block-row ranges, batch reduced in L2-sized chunks) and ~4 torch elementwise
-passes over the [B, n] gradient (act' from y, scale, the bias sum), which are not fused yet."""
+weight gradient (threads own block-row ranges, batch reduced in L2-sized chunks) and one native pass over
+the [B, n] gradient (`bsr_bwd_epilogue`: act' from y and the bias sum; scale is folded into the kept blocks
+for the input gradient), which replaced ~4 torch elementwise passes."""
 
 
 def cpu_model() -> str:

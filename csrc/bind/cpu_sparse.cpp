@@ -168,6 +168,47 @@ void py_weight_grad(JSP_PLAN_ARGS, py::handle g, py::handle x, py::handle gv, in
   });
 }
 
+// The backward epilogue (no plan: elementwise over [B, n]); y's dtype picks T.
+void py_bwd_epilogue(py::handle gy, py::handle gyd, py::handle y, py::handle ud, py::handle scale, int act,
+                     py::handle G, py::handle GU, py::handle gbias, int num_threads) {
+  auto y0 = as_array(y, "y");
+  by_dtype(y0, [&](auto tag) {
+    using T = decltype(tag);
+    auto ya = checked<T>(y, {-1, -1}, "y");
+    const int64_t B = ya.shape(0), n = ya.shape(1);
+    const T* gyp = optional_data<T>(gy, {B, n}, "gy");
+    int64_t ntan = 0;
+    const T* gydp = nullptr;
+    if (!gyd.is_none()) {
+      auto a = checked<T>(gyd, {-1, B, n}, "gyd");
+      ntan = a.shape(0);
+      gydp = data<T>(a);
+    }
+    if (!gyp && !gydp) fail("bwd_epilogue needs gy or gyd (both are None)");
+    const Act a = to_act(act);
+    const T* udp = nullptr;
+    if (ntan > 0 && cpu::bsr::act_has_second(a)) {
+      if (ud.is_none()) fail(std::string("ud (x_dot W^T) is required for the jvp backward of ") + kActNames[act]);
+      udp = data<T>(checked<T>(ud, {ntan, B, n}, "ud"));
+    }
+    const T* sp = optional_data<T>(scale, {n}, "scale");
+    auto Ga = checked<T>(G, {(1 + ntan) * B, n}, "G", true);
+    T* GUp = nullptr;
+    if (!GU.is_none()) {
+      auto g = checked<T>(GU, {(1 + ntan) * B, n}, "GU", true);
+      GUp = mutable_data<T>(g);
+    }
+    T* gbp = nullptr;
+    if (!gbias.is_none()) {
+      auto g = checked<T>(gbias, {n}, "gbias", true);
+      gbp = mutable_data<T>(g);
+    }
+    py::gil_scoped_release release;
+    cpu::bsr::bwd_epilogue<T>(B, n, ntan, gyp, gydp, data<T>(ya), udp, sp, a, mutable_data<T>(Ga), GUp, gbp,
+                              num_threads);
+  });
+}
+
 }  // namespace
 
 void bind_cpu_sparse(py::module_& m) {
@@ -182,6 +223,9 @@ void bind_cpu_sparse(py::module_& m) {
         "gx[B, k] = g W (input gradient; reads the transposed table).");
   m.def("bsr_weight_grad", &py_weight_grad, JSP_PLAN_PYARGS, py::arg("g"), py::arg("x"), py::arg("gv"),
         py::arg("num_threads") = 0, "gv[nnzb, bm, bk] = g^T x on the kept blocks only.");
+  m.def("bsr_bwd_epilogue", &py_bwd_epilogue, py::arg("gy"), py::arg("gyd"), py::arg("y"), py::arg("ud"),
+        py::arg("scale"), py::arg("act"), py::arg("G"), py::arg("GU"), py::arg("gbias"), py::arg("num_threads") = 0,
+        "The backward's elementwise pass of fwd/jvp (writes G = [gpre; gyd*act'], GU = G*scale, gbias).");
 }
 
 }  // namespace jsp_fast

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <memory>
 #include <new>
 #include <vector>
@@ -586,13 +588,130 @@ void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, in
   }
 }
 
+// ---- backward epilogue ----------------------------------------------------------------------------
+namespace {
+
+// act'(pre) and d act'/dy from y = act(pre), one vector at a time (the formulas of _act.dact_from_y /
+// _act.ddact_dy). float64 softplus goes lane by lane through libm's expm1, float32 through simd's.
+template <typename T, int A>
+struct DerivY {
+  using V = typename simd::Vec<T>::type;
+  static inline V d(V y, V& dd) {
+    const V one = simd::splat<T>(T(1));
+    switch (Act(A)) {
+      case Act::Tanh: dd = T(-2) * y; return one - y * y;
+      case Act::Sigmoid: dd = one - T(2) * y; return y * (one - y);
+      case Act::Softplus: {
+        V m;  // expm1(-y)
+        if constexpr (std::is_same<T, float>::value) {
+          m = simd::vexpm1(-y);
+        } else {
+          for (int i = 0; i < simd::Vec<T>::L; ++i) m[i] = std::expm1(-y[i]);
+        }
+        dd = one + m;  // exp(-y)
+        return -m;
+      }
+      case Act::Elu: dd = y > T(0) ? V{} : one; return y > T(0) ? one : y + one;
+      case Act::Relu: dd = V{}; return y > T(0) ? one : V{};
+      default: dd = V{}; return one;
+    }
+  }
+};
+
+template <typename T, int A>
+void bwd_epilogue_act(int64_t B, int64_t n, int64_t ntan, const T* gy, const T* gyd, const T* y, const T* ud,
+                      const T* scale, T* G, T* GU, T* gbias, int nt) {
+  using V = typename simd::Vec<T>::type;
+  constexpr int L = simd::Vec<T>::L;
+  const bool second = act_has_second(Act(A)) && ntan > 0;
+  const int64_t ldp = round_up(n, L);
+  Buf<T> part(gbias ? int64_t(nt) * ldp : 0);
+  if (gbias) std::fill(part.data(), part.data() + int64_t(nt) * ldp, T(0));
+  const bool parallel = nt > 1 && B * n * (1 + 2 * ntan) >= kSerialWork;
+#pragma omp parallel num_threads(nt) if (parallel)
+  {
+#ifdef JSP_FAST_OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    T* acc = gbias ? part.data() + tid * ldp : nullptr;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t j = 0; j < n; j += L) {
+        const int w = int(std::min<int64_t>(L, n - j));
+        // The row tail (n not a multiple of L) goes through zero-padded vectors.
+        auto ld = [w](const T* p) -> V {
+          if (w == L) return simd::load<T>(p);
+          V v{};
+          for (int i = 0; i < w; ++i) v[i] = p[i];
+          return v;
+        };
+        auto st = [w](T* p, V v) {
+          if (w == L) {
+            simd::store<T>(p, v);
+          } else {
+            for (int i = 0; i < w; ++i) p[i] = v[i];
+          }
+        };
+        V dd;
+        const V d = DerivY<T, A>::d(ld(y + b * n + j), dd);
+        const V sv = scale ? ld(scale + j) : simd::splat<T>(T(1));
+        V S{};
+        for (int64_t t = 0; t < ntan; ++t) {
+          const int64_t off = (t * B + b) * n + j;
+          const V g = gyd ? ld(gyd + off) : V{};
+          const V gdu = g * d;
+          st(G + B * n + off, gdu);
+          if (GU) st(GU + B * n + off, gdu * sv);
+          if (second) S += g * ld(ud + off);
+        }
+        V q = gy ? ld(gy + b * n + j) : V{};
+        if (second) q += dd * sv * S;
+        const V gp = q * d;
+        st(G + b * n + j, gp);
+        if (GU) st(GU + b * n + j, gp * sv);
+        if (acc) simd::store<T>(acc + j, simd::load<T>(acc + j) + gp);
+      }
+    }
+  }
+  if (gbias) {
+    for (int64_t j = 0; j < n; ++j) {
+      T s = 0;
+      for (int t = 0; t < nt; ++t) s += part.data()[t * ldp + j];
+      gbias[j] = s;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void bwd_epilogue(int64_t B, int64_t n, int64_t ntan, const T* gy, const T* gyd, const T* y, const T* ud,
+                  const T* scale, Act act, T* G, T* GU, T* gbias, int num_threads) {
+  const int nt = resolve_threads(num_threads);
+  switch (act) {
+#define JSP_EPI_CASE(A) \
+  case A: return bwd_epilogue_act<T, int(A)>(B, n, ntan, gy, gyd, y, ud, scale, G, GU, gbias, nt);
+    JSP_EPI_CASE(Act::Tanh)
+    JSP_EPI_CASE(Act::Softplus)
+    JSP_EPI_CASE(Act::Elu)
+    JSP_EPI_CASE(Act::Relu)
+    JSP_EPI_CASE(Act::Sigmoid)
+#undef JSP_EPI_CASE
+    default: return bwd_epilogue_act<T, int(Act::None)>(B, n, ntan, gy, gyd, y, ud, scale, G, GU, gbias, nt);
+  }
+}
+
 #define JSP_BSR_INSTANTIATE(T)                                                                         \
   template void pack_rows<T>(const T*, int64_t, int64_t, T*);                                          \
   template void fwd<T>(const Layout&, const T*, const T*, int64_t, const T*, const T*, Act, T*, int); \
   template void jvp<T>(const Layout&, const T*, const T*, const T*, int64_t, int64_t, const T*,       \
                        const T*, Act, T*, T*, int);                                                   \
   template void t_matmul<T>(const Layout&, const T*, const T*, int64_t, T*, int);                     \
-  template void weight_grad<T>(const Layout&, const T*, const T*, int64_t, T*, int);
+  template void weight_grad<T>(const Layout&, const T*, const T*, int64_t, T*, int);                 \
+  template void bwd_epilogue<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,    \
+                                const T*, Act, T*, T*, T*, int);
 
 JSP_BSR_INSTANTIATE(float)
 JSP_BSR_INSTANTIATE(double)

@@ -9,6 +9,9 @@
 //   t_matmul:    gx = g W                                                g [B, n] -> gx [B, k]
 //   weight_grad: gv[j] = g[:, rows of j]ᵀ x[:, cols of j]                -> gv [nnzb][bm][bk]
 //
+// and the elementwise work of their backward in one pass (bwd_epilogue, below): the gradients w.r.t.
+// the pre-activation and the tangent products, their scaled copies and the bias gradient.
+//
 // Scheme (all four share one micro-kernel): the reduction operand is packed per batch tile into
 // panels of R rows stored k-major ([k][R]), so the micro-kernel's R broadcasts per step read one
 // cache line; the weight blocks are re-packed per call (O(weights), negligible next to the
@@ -89,6 +92,24 @@ void t_matmul(const Layout& lay, const T* values, const T* g, int64_t B, T* gx, 
 
 template <typename T>
 void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads);
+
+// The backward of fwd / jvp between the output gradients and the two products (t_matmul,
+// weight_grad), in one pass over [B, n] (vectorised over n, OpenMP over the batch). With y = act(pre),
+// d = act'(pre) and dd = d act'/dy, both read off y:
+//   gdu[t] = gyd[t] ⊙ d                                           t < ntan   (jvp only)
+//   gpre   = (gy + dd ⊙ scale ⊙ Σ_t gyd[t] ⊙ ud[t]) ⊙ d           ud[t] = x_dot[t] Wᵀ (jvp only)
+//   G      = [gpre; gdu[0]; ...; gdu[ntan-1]]                      [(1 + ntan)·B, n]
+//   GU     = G ⊙ scale (broadcast over rows; null: not written)   the input of t_matmul
+//   gbias  = Σ_b gpre                                              [n] (null: not computed)
+// gy and gyd may be null (zero). ud is read only when ntan > 0 and dd is not zero for act (tanh,
+// softplus, elu, sigmoid): the caller must pass it then. The bias sum is reduced in a fixed order for a
+// given thread count (deterministic).
+template <typename T>
+void bwd_epilogue(int64_t B, int64_t n, int64_t ntan, const T* gy, const T* gyd, const T* y, const T* ud,
+                  const T* scale, Act act, T* G, T* GU, T* gbias, int num_threads);
+
+// True when the second derivative d act'/dy is not identically zero (bwd_epilogue then needs ud).
+inline bool act_has_second(Act a) { return a == Act::Tanh || a == Act::Softplus || a == Act::Elu || a == Act::Sigmoid; }
 
 }  // namespace bsr
 }  // namespace cpu

@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-samples", type=nonneg_int, default=1000, help="samples drawn per run for the grids")
     p.add_argument("--granularity", default="unstructured", choices=("unstructured", "block"), help="mask granularity")
     p.add_argument("--block", type=block_shape, default="16,16", help="block shape rows,cols for --granularity block")
+    p.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
+                   help="train block-pruned models on the block-sparse kernels (default: on for --granularity block)")
     p.add_argument("--scope", default="global", choices=("global", "layer"), help="jf.prune scope")
     p.add_argument("--prune-batch", type=pos_int, default=512, help="data points used for the pruning scores")
     p.add_argument("--rounds", type=pos_int, default=None,
@@ -170,12 +172,15 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     lam = args.rnode if method == "rnode" else (args.reg_pruned if method not in REFERENCES else 0.0)
     reg = {"kinetic": lam, "jacobian": lam} if lam > 0 else None
     bits_per_dim = getattr(ds, "bits_per_dim", None)
+    pruned = method not in REFERENCES
+    sparse = pruned and (args.sparse if getattr(args, "sparse", None) is not None else args.granularity == "block")
+    record["config"]["sparse"] = sparse
     # Every option is passed by name: one train() does not take fails here, loudly, instead of
     # being dropped while the record's settings still claim it.
     # distributed=False: under torchrun each rank trains its own runs of the grid, alone.
     hist = train(model, ds.train, ds.val, steps=args.steps, batch_size=args.batch_size, lr=args.lr, reg=reg,
                  eval_every=args.eval_every, seed=seed, progress=False, R_every=args.R_every,
-                 bits_per_dim=bits_per_dim, distributed=False)
+                 bits_per_dim=bits_per_dim, distributed=False, sparse=sparse)
     t2 = time.perf_counter()
     record["history"] = curves(hist)
     record.update(_evaluate(model, ds.test[: args.n_test], args.eval_tol, bits_per_dim))

@@ -50,6 +50,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume-anyway", action="store_true",
                    help="resume OUT/last even if it was made with other data, model, pruning or training settings")
     g.add_argument("--seed", type=nonneg_int, default=0, help="model init, minibatches and solver noise")
+    g.add_argument("--sparse", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on the block-sparse kernels (jf.train(sparse=True)); default: on for a model "
+                        "pruned with --granularity block")
     c.add_prune(p)
     c.add_device(p)
     c.add_common(p)
@@ -152,13 +155,15 @@ def cmd_train(args) -> int:
             "command": c.command_line(args)}
     if main and (not resuming or not (out / c.RUN_FILE).exists()):
         atomic_write_json(out / c.RUN_FILE, info)
+    pruned_as = (pruned if not resuming else c.run_info(out).get("prune")) or {}
+    sparse = args.sparse if args.sparse is not None else pruned_as.get("granularity") == "block"
     reg = {k: v for k, v in (("kinetic", args.reg_kinetic), ("jacobian", args.reg_jacobian)) if v > 0} or None
     try:
         hist = train(model, train_x, val_x, steps=args.steps, batch_size=args.batch_size,
                      lr=args.lr, reg=reg, eval_every=args.eval_every, seed=args.seed, weight_decay=args.weight_decay,
                      bits_per_dim=ds.bits_per_dim, checkpoint_dir=out, checkpoint_every=args.checkpoint_every,
                      resume=("force" if args.resume_anyway else "must-match") if resuming else False,
-                     progress=not args.no_progress, R_every=args.R_every)
+                     progress=not args.no_progress, R_every=args.R_every, sparse=sparse)
     except ResumeMismatchError as exc:
         diffs = "; ".join(f"{k}: {_short(a)} in the checkpoint, {_short(b)} now" for k, a, b in exc.differences)
         raise UsageError(f"cannot resume from {last}: it was made with other settings ({diffs}); use "

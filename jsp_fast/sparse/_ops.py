@@ -8,10 +8,20 @@ the six look-up tables (so ``torch.compile``/``opcheck`` see plain tensors) and 
     jsp_fast::bsr_t_matmul(g, values, *tables, backend)                           -> g W
     jsp_fast::bsr_weight_grad(g, x, values_like, *tables, backend)                -> gᵀx on kept blocks
 
+and one for the elementwise part of their backward (no weight involved):
+
+    jsp_fast::bsr_bwd_epilogue(gy?, gyd?, y, ud?, scale?, act, need_bias, backend) -> (G, gbias)
+
+``G = [gpre; gdu]`` stacks the gradients w.r.t. ``scale ⊙ u`` and ``scale ⊙ ud[t]`` (u = x Wᵀ, ud[t] =
+x_dot[t] Wᵀ), ``gbias = Σ_b gpre`` (formulas: ``backends/torch_ref.py`` ``bwd_epilogue_reference``). On
+the CPU it is one native pass instead of ~4-8 torch elementwise passes per layer; stacking lets one
+``t_matmul`` and one ``weight_grad`` serve the value and every tangent. ``scale`` is folded into the
+kept blocks for ``t_matmul`` (``(G ⊙ scale) W = G (scale ⊙ W)``: O(weights) instead of another [B, n] pass).
+
 Autograd: every backward is written with these same ops plus differentiable torch ops, so it is
 itself differentiable (double backward, needed because CNF training differentiates through the
 trace). The products are bilinear: d(g W)/dg = fwd, d(g W)/dW = weight_grad, d(gᵀx)/dg = fwd,
-d(gᵀx)/dx = t_matmul. The activation's derivative is taken from the saved output y (see
+d(gᵀx)/dx = t_matmul; the epilogue op's backward is written out in torch ops (``_epi_backward``). The activation's derivative is taken from the saved output y (see
 ``dact_from_y``), so nothing but y is kept from the forward. The product ``x Wᵀ`` needed for the
 gradient of ``scale`` is not recomputed: that gradient is read off the kept-block product gᵀx that
 the weight gradient needs anyway (``_weight_and_scale_grads``).
@@ -32,7 +42,8 @@ from .. import _act
 from . import registry
 from .plan import BlockSparseWeight, Plan
 
-__all__ = ["bsr_linear", "bsr_linear_jvp", "bsr_fwd", "bsr_jvp", "bsr_t_matmul", "bsr_weight_grad"]
+__all__ = ["bsr_linear", "bsr_linear_jvp", "bsr_fwd", "bsr_jvp", "bsr_t_matmul", "bsr_weight_grad",
+           "bsr_bwd_epilogue"]
 
 
 def _plan(values: Tensor, tables) -> Plan:
@@ -107,7 +118,109 @@ def _(g, x, values_like, row_ptr, col_idx, block_row, col_ptr, row_idx, perm, ba
     return g.new_empty(values_like.shape)
 
 
+# The elementwise pass of the backward. A backend without it (a user's) gets the torch reference.
+def _epilogue_impl(backend: str):
+    impl = _impl(backend)
+    if hasattr(impl, "bwd_epilogue"):
+        return impl.bwd_epilogue
+    return registry.get("torch").impl.bwd_epilogue
+
+
+@torch.library.custom_op("jsp_fast::bsr_bwd_epilogue", mutates_args=())
+def bsr_bwd_epilogue(gy: Optional[Tensor], gyd: Optional[Tensor], y: Tensor, ud: Optional[Tensor],
+                     scale: Optional[Tensor], act: str, need_bias: bool, backend: str) -> tuple[Tensor, Tensor]:
+    G, gb = _epilogue_impl(backend)(_c(gy), _c(gyd), _c(y), _c(ud), _c(scale), act, need_bias)
+    # Custom ops return tensors only: an absent gbias is an empty tensor.
+    return G, (gb if gb is not None else y.new_empty(0))
+
+
+@bsr_bwd_epilogue.register_fake
+def _(gy, gyd, y, ud, scale, act, need_bias, backend):
+    rows = y.shape[0] * (1 + (0 if gyd is None else gyd.shape[0]))
+    return y.new_empty(rows, y.shape[1]), (y.new_empty(y.shape[1]) if need_bias else y.new_empty(0))
+
+
 # ---- autograd -------------------------------------------------------------------------------------
+# Activations whose act' depends on y (d act'/dy not identically zero): the jvp backward needs ud.
+_HAS_SECOND = ("tanh", "softplus", "elu", "sigmoid")
+
+
+def _dddact_dy(act: str, y: Tensor) -> Tensor | None:
+    """d²act'/dy² with act' as in ``_act.dact_from_y`` (None where zero): the epilogue's backward."""
+    if act in ("tanh", "sigmoid"):
+        return torch.full_like(y, -2.0)
+    if act == "softplus":
+        return -torch.exp(-y)
+    return None
+
+
+def _epilogue(gy, gyd, y, ud, scale, act, need_bias, backend):
+    """``(G, gbias or None)`` of ``bsr_bwd_epilogue``."""
+    G, gb = bsr_bwd_epilogue(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias, backend)
+    return G, (gb if need_bias else None)
+
+
+def _scaled(values, scale, tables):
+    """The kept blocks with their rows scaled, ``scale ⊙ W`` (differentiable): ``t_matmul`` of them is
+    ``(g ⊙ scale) W``."""
+    if scale is None:
+        return values
+    return values * scale.reshape(-1, values.shape[1])[tables[2]].unsqueeze(2)
+
+
+def _epi_setup(ctx, inputs, output):
+    gy, gyd, y, ud, scale, act, need_bias, _backend = inputs
+    ctx.act, ctx.need_bias = act, need_bias
+    ctx.T = 0 if gyd is None else gyd.shape[0]
+    ctx.save_for_backward(gy, gyd, y, ud, scale, output[0])
+
+
+def _epi_backward(ctx, aG, agb):
+    # The chain rule through the formulas of bwd_epilogue_reference, in differentiable torch ops.
+    gy, gyd, y, ud, s, G = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    act, T = ctx.act, ctx.T
+    Bn, n = y.shape
+    d = _act.dact_from_y(act, y)
+    dd = _act.ddact_dy(act, y)
+    A = torch.zeros_like(G) if aG is None else aG
+    g_s = None
+    Ap = A[:Bn]
+    if ctx.need_bias and agb is not None and agb.numel():
+        Ap = Ap + agb
+    second = T > 0 and dd is not None and ud is not None
+    q = gy if gy is not None else torch.zeros_like(y)
+    if second:
+        S = (gyd * ud).sum(0)
+        q = q + dd * (S if s is None else S * s)
+    g_q = Ap * d  # = the gradient of gy
+    g_d = Ap * q
+    g_gyd = g_ud = None
+    if T > 0:
+        Ad = A[Bn:].reshape(T, Bn, n)
+        g_d = g_d + (Ad * gyd).sum(0)
+        g_gyd = Ad * d
+    g_y = None
+    if dd is not None:
+        g_y = g_d * dd
+    if second:
+        g_S = g_q * dd if s is None else g_q * dd * s
+        g_gyd = g_gyd + g_S * ud
+        g_ud = g_S * gyd
+        if s is not None and need[4]:
+            gs2 = (g_q * dd * S).sum(0)
+            g_s = gs2 if g_s is None else g_s + gs2
+        ddd = _dddact_dy(act, y)
+        if ddd is not None:
+            g_dd = g_q * (S if s is None else S * s)
+            g_y = g_y + g_dd * ddd
+    return (g_q if gy is not None and need[0] else None, g_gyd if need[1] else None,
+            g_y if need[2] else None, g_ud if need[3] else None, g_s, None, None, None)
+
+
+bsr_bwd_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
+
+
 def _u(x, values, tables, backend):
     """x Wᵀ without epilogue (differentiable)."""
     return bsr_fwd(x, values, *tables, None, None, "none", backend)
@@ -146,13 +259,15 @@ def _fwd_backward(ctx, gy):
     x, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
-    gpre = gy if act == "none" else gy * _act.dact_from_y(act, y)
-    gx = None
-    if need[0]:
-        gx = bsr_t_matmul(gpre if scale is None else gpre * scale, values, *tables, backend)
+    need_b = ctx.has_bias and need[9]
+    if act == "none":
+        gpre = gy
+        gbias = gy.sum(0) if need_b else None
+    else:
+        gpre, gbias = _epilogue(gy, None, y, None, scale, act, need_b, backend)
+    gx = bsr_t_matmul(gpre, _scaled(values, scale, tables), *tables, backend) if need[0] else None
     gv, gscale = _weight_and_scale_grads(gpre, x, values, tables, scale, backend, need[1],
                                          ctx.has_scale and need[8])
-    gbias = gpre.sum(0) if ctx.has_bias and need[9] else None
     return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
 
 
@@ -169,32 +284,35 @@ def _jvp_setup(ctx, inputs, output):
 
 def _jvp_backward(ctx, gy, gyd):
     # y = act(pre), pre = s ⊙ u + b, u = x Wᵀ;  y_dot[t] = d(y) ⊙ s ⊙ ud[t], ud[t] = x_dot[t] Wᵀ.
+    # The epilogue op stacks the gradients w.r.t. s ⊙ u and every s ⊙ ud[t] into G, so one t_matmul (over
+    # the row-scaled blocks) gives both input gradients and one weight_grad the weight's.
     x, x_dot, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     act, backend = ctx.act, ctx.backend
     T, Bn, K = x_dot.shape
-    gy = torch.zeros_like(y) if gy is None else gy
-    gyd = y.new_zeros(T, Bn, y.shape[1]) if gyd is None else gyd
-    d = _act.dact_from_y(act, y)
-    s = scale if scale is not None else None
-    gdu = gyd * d  # grad w.r.t. s ⊙ ud[t]
-    gud = gdu if s is None else gdu * s  # grad w.r.t. ud[t]
-    gy_tot = gy
-    dd = _act.ddact_dy(act, y)
-    if dd is not None:  # y_dot depends on y through d(y): needs ud = x_dot Wᵀ again
+    if gy is None and gyd is None:
+        return (None,) * 13
+    ud = None
+    if gyd is not None and act in _HAS_SECOND:  # y_dot depends on y through d(y): needs x_dot Wᵀ again
         ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, y.shape[1])
-        su = (gyd * ud).sum(0)
-        gy_tot = gy_tot + dd * (su if s is None else su * s)
-    gpre = gy_tot * d
-    gu = gpre if s is None else gpre * s
-    gx = bsr_t_matmul(gu, values, *tables, backend) if need[0] else None
-    gxd = bsr_t_matmul(gud.reshape(T * Bn, y.shape[1]), values, *tables, backend).reshape(T, Bn, K) if need[1] else None
+    need_b = ctx.has_bias and need[10]
+    G, gbias = _epilogue(gy, gyd, y, ud, scale, act, need_b, backend)
+    tang = gyd is not None  # G has the T tangent blocks below the first Bn rows
+    gx = gxd = None
+    if need[0] or (need[1] and tang):
+        vs = _scaled(values, scale, tables)
+        if need[0] and need[1] and tang:
+            GX = bsr_t_matmul(G, vs, *tables, backend)
+            gx, gxd = GX[:Bn], GX[Bn:].reshape(T, Bn, K)
+        elif need[0]:
+            gx = bsr_t_matmul(G[:Bn], vs, *tables, backend)
+        else:
+            gxd = bsr_t_matmul(G[Bn:], vs, *tables, backend).reshape(T, Bn, K)
     gv, gscale = None, None
     if need[2] or (ctx.has_scale and need[9]):
-        gv, gscale = _weight_and_scale_grads(
-            torch.cat([gpre, gdu.reshape(T * Bn, y.shape[1])]), torch.cat([x, x_dot.reshape(T * Bn, K)]), values,
-            tables, s, backend, need[2], ctx.has_scale and need[9])
-    gbias = gpre.sum(0) if ctx.has_bias and need[10] else None
+        xs = torch.cat([x, x_dot.reshape(T * Bn, K)]) if tang else x
+        gv, gscale = _weight_and_scale_grads(G, xs, values, tables, scale, backend, need[2],
+                                             ctx.has_scale and need[9])
     return (gx, gxd, gv) + (None,) * 6 + (gscale, gbias, None, None)
 
 

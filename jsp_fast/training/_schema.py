@@ -121,7 +121,9 @@ def check_model_config(m: Any, where: str) -> dict:
             raise CheckpointError(f"{where}: field 'model.{k}' is missing")
     known = _cnf_parameters()
     for k, v in m.items():
-        if k in _MODEL_FIELDS:
+        if k == "sparse":
+            check_sparse_layout(v, where)
+        elif k in _MODEL_FIELDS:
             ok, expected = _MODEL_FIELDS[k]
             _need(ok(v), where, f"model.{k}", expected, v)
         elif k in known:
@@ -136,6 +138,21 @@ def check_model_config(m: Any, where: str) -> dict:
         raise CheckpointError(f"{where}: field 'model.hidden': dim={m['dim']}, hidden={_short(m['hidden'])} "
                               f"means {n:,} parameters; refusing more than {MAX_PARAMETERS:,}")
     return m
+
+
+def check_sparse_layout(v: Any, where: str) -> None:
+    """``model.sparse`` of a block-sparse checkpoint (``training/_sparse.layout``): one entry per layer,
+    ``{"kind": "sparse", "block": [bm, bk]}`` or ``{"kind": "dense", "reason": str}``, and a backend name."""
+    _need(isinstance(v, dict) and isinstance(v.get("layers"), list), where, "model.sparse",
+          "an object with a list 'layers'", v)
+    _need(isinstance(v.get("backend", "auto"), str), where, "model.sparse.backend", "a backend name", v.get("backend"))
+    for i, e in enumerate(v["layers"]):
+        ok = isinstance(e, dict) and (
+            (e.get("kind") == "sparse" and isinstance(e.get("block"), list) and len(e["block"]) == 2
+             and all(_is_int(b) and 1 <= b <= 1 << 16 for b in e["block"]))
+            or (e.get("kind") == "dense" and isinstance(e.get("reason", ""), str)))
+        _need(ok, where, f"model.sparse.layers[{i}]",
+              "{'kind': 'sparse', 'block': [bm, bk]} or {'kind': 'dense', 'reason': ...}", e)
 
 
 def parameter_count(dim: int, hidden: list[int]) -> int:
@@ -193,9 +210,25 @@ def skeleton(model_cfg: dict, masks: list[str], where: str) -> nn.Module:
     return model
 
 
-def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """``{state_dict key: (shape, is_mask)}`` of a (meta) model."""
-    return {k: (tuple(v.shape), k.endswith(".weight_mask")) for k, v in model.state_dict().items()}
+_INDEX_SUFFIXES = (".block_rows", ".block_cols")  # a block-sparse layer's kept-block coordinates
+
+
+def expected_tensors(model: nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{state_dict key: (shape, kind)}`` of a (meta) model; kind: "mask", "index" or "float"."""
+    def kind(k):
+        return "mask" if k.endswith(".weight_mask") else "index" if k.endswith(_INDEX_SUFFIXES) else "float"
+    return {k: (tuple(v.shape), kind(k)) for k, v in model.state_dict().items()}
+
+
+def check_block_indices(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Kept-block coordinates are integers >= 0 (a negative one would index from the end)."""
+    for k, t in sd.items():
+        if k.endswith(_INDEX_SUFFIXES):
+            if t.dtype not in (torch.int32, torch.int64) or t.dim() != 1:
+                raise CheckpointError(f"{where}: tensor {k!r}: expected 1-d int64 block indices, got {t.dtype} "
+                                      f"{tuple(t.shape)}")
+            if t.numel() and int(t.min()) < 0:
+                raise CheckpointError(f"{where}: tensor {k!r}: negative block index {int(t.min())}")
 
 
 def check_tensors(sd: Mapping[str, torch.Tensor], expected: dict, where: str) -> torch.dtype:
@@ -207,12 +240,16 @@ def check_tensors(sd: Mapping[str, torch.Tensor], expected: dict, where: str) ->
                 ([f"unexpected {extra[:8]}{' ...' if len(extra) > 8 else ''}"] if extra else [])
         raise CheckpointError(f"{where}: the tensors do not fit the config's model: {'; '.join(parts)}")
     dtypes = set()
-    for k, (shape, is_mask) in expected.items():
+    for k, (shape, kind) in expected.items():
         t = sd[k]
         if tuple(t.shape) != shape:
             raise CheckpointError(f"{where}: tensor {k!r}: expected shape {shape} (from the config), "
                                   f"got {tuple(t.shape)}")
-        if is_mask:
+        if kind == "index":
+            if t.dtype not in (torch.int32, torch.int64):
+                raise CheckpointError(f"{where}: tensor {k!r}: expected integer block indices, got {t.dtype}")
+            continue
+        if kind == "mask":
             if t.dtype != torch.bool:
                 raise CheckpointError(f"{where}: tensor {k!r}: expected a bool mask, got {t.dtype}")
             continue

@@ -45,6 +45,7 @@ from ..cnf import CNF, ODEnet
 from .._device import check_device
 from ..errors import CheckpointError, ConfigError
 from . import _schema as schema
+from . import _sparse
 from .history import History
 
 FORMAT = "jsp_fast.checkpoint"
@@ -112,6 +113,8 @@ def _model_config(model: nn.Module) -> dict:
     if not hasattr(model, "config"):
         raise TypeError(f"can only save a jf.CNF (a model with config()), got {type(model).__name__}")
     net = getattr(model, "net", None)
+    if _sparse.is_sparse(model):  # a sparse checkpoint: the layout rebuilds the SparseODEnet on load
+        return _jsonable({**model.config(), "sparse": _sparse.layout(net)})
     if net is not None and not isinstance(net, ODEnet):
         raise TypeError(f"cannot save a CNF whose field is a {type(net).__name__}: save the dense/masked "
                         f"model before jf.sparsify() and sparsify it again after loading")
@@ -447,9 +450,18 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
     cfg = _read_config(path)
     files = cfg["files"]
     where = str(path / MODEL_FILE)
-    skeleton = schema.skeleton(cfg["model"], cfg["masks"], str(path / CONFIG_FILE))
     sd = _tensors(path, MODEL_FILE, files[MODEL_FILE])
-    dtype = schema.check_tensors(sd, schema.expected_tensors(skeleton), where)
+    sparse = _sparse.is_sparse_config(cfg["model"])
+    if sparse:  # the layout and the kept-block coordinates in the tensors rebuild the structure
+        schema.check_block_indices(sd, where)
+        try:
+            skel = _sparse.from_config(cfg["model"], sd)
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise CheckpointError(f"{path / CONFIG_FILE}: field 'model.sparse' does not fit {MODEL_FILE}: "
+                                  f"{exc}") from None
+    else:
+        skel = schema.skeleton(cfg["model"], cfg["masks"], str(path / CONFIG_FILE))
+    dtype = schema.check_tensors(sd, schema.expected_tensors(skel), where)
     tensors = _tensors(path, STATE_FILE, files[STATE_FILE]) if STATE_FILE in files else {}
     bad = sorted(k for k in tensors if not k.startswith(("optimizer.", "extra.")))
     if bad:
@@ -465,7 +477,7 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
 
     if model is None:
         try:
-            model = CNF.from_config(cfg["model"])
+            model = skel if sparse else CNF.from_config(cfg["model"])
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{path / CONFIG_FILE}: field 'model': {exc}") from None
         model = model.to(dtype)
@@ -474,6 +486,8 @@ def load_checkpoint(path, model: nn.Module | None = None, device: str | torch.de
     else:
         mine = _jsonable(model.config()) if hasattr(model, "config") else None
         theirs = cfg["model"]
+        if _sparse.mismatch(model, theirs):
+            raise CheckpointError(f"checkpoint {path} {_sparse.mismatch(model, theirs)}")
         if mine is not None:
             for k in ("dim", "hidden", "activation"):
                 if k in theirs and mine.get(k) != theirs[k]:

@@ -35,6 +35,7 @@ from torch import nn
 from .._device import check_device
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError
 from . import _dist
+from . import _sparse
 from . import checkpoint as ckpt
 from ._ddp import DDPRun
 from .history import History
@@ -497,7 +498,8 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           resume: bool | str = "must-match", progress: bool = True, R_batch: int = 128, R_every: int = 1,
           eval_batch: int = 2048, max_grad_norm: float | None = None,
-          callback: Callable[[dict], None] | None = None, distributed: bool | None = None) -> History:
+          callback: Callable[[dict], None] | None = None, distributed: bool | None = None,
+          sparse: bool = False) -> History:
     """Train ``model`` (a ``jf.CNF``) by maximum likelihood with Adam; returns a ``History``.
 
     Args:
@@ -534,14 +536,17 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
             of the single-process minibatch, rank 0 writes the checkpoints, and with the exact trace
             and a fixed-step solver the run matches the single-process one up to float rounding
             (Hutchinson noise is drawn per rank; see ``jsp_fast.training._ddp``).
+        sparse: train on the block-sparse kernels (``model`` block-pruned): a sparse copy of ``model`` is
+            trained and its values are written back into ``model`` at the end; checkpoints are sparse.
+            Layers that cannot be block-sparse stay dense (a warning lists them). See ``training/_sparse.py``.
     """
     if not isinstance(model, nn.Module) or not hasattr(model, "log_prob"):
         raise TypeError(f"model must be a jf.CNF (an nn.Module with log_prob), got {type(model).__name__}")
     o = _check_options(steps, batch_size, lr, reg, eval_every, seed, weight_decay, bits_per_dim,
                        checkpoint_every, R_batch, R_every, eval_batch, max_grad_norm)
     mode = _check_resume(resume)
-    train, val, params = _check_inputs(model, train, val)
-    device = params[0].device
+    if not isinstance(sparse, bool):
+        raise TypeError(f"sparse must be True or False, got {sparse!r}")
     ckpt_path = None
     if checkpoint_dir is not None:
         if not isinstance(checkpoint_dir, (str, Path)):
@@ -550,6 +555,13 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
         ckpt.check_target(ckpt_path)  # now, not at the first save after minutes of training
         if int(os.environ.get("RANK", "0")) == 0:  # the writer's leftovers; other nodes' pids are not ours to judge
             ckpt.clean_stale(ckpt_path)
+    target = model
+    if sparse:  # train a block-sparse copy; written back into `target` at the end (training/_sparse.py)
+        saved = ckpt.load(ckpt_path) if ckpt_path is not None and mode is not None and ckpt.exists(ckpt_path) \
+            else None
+        model = _sparse.training_copy(model, saved)
+    train, val, params = _check_inputs(model, train, val)
+    device = params[0].device
     opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     settings = o.settings(train, val)
     history = History(meta={"settings": settings, "model": _model_config(model)})
@@ -577,4 +589,5 @@ def train(model: nn.Module, train: torch.Tensor, val: torch.Tensor | None = None
         finally:
             if ddp is not None:
                 ddp.close()  # DDP's reducer must go before its process group does
+            _sparse.write_back(model, target)  # no-op unless sparse
     return history

@@ -14,6 +14,7 @@ from ..._ext import _C
 from ...cnf import SolverError
 from ..plan import Plan
 from ..registry import FieldShape, LayerSpec, register_backend
+from .torch_ref import bwd_epilogue_reference
 
 __all__ = ["CpuBackend", "CpuField"]
 
@@ -25,7 +26,7 @@ def _np(t):
 
 
 class CpuBackend:
-    """The four primitives on ``_C.bsr_*``."""
+    """The four primitives on ``_C.bsr_*``, and the backward's elementwise pass (``bwd_epilogue``)."""
 
     @staticmethod
     def _tables(plan: Plan):
@@ -57,6 +58,18 @@ class CpuBackend:
             # values only tell the kernel the dtype and the block shape: gv has both.
             _C.bsr_weight_grad(gv.numpy(), *self._tables(plan), _np(g), _np(x), gv.numpy(), torch.get_num_threads())
         return gv
+
+    def bwd_epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
+        if not hasattr(_C, "bsr_bwd_epilogue"):  # a _C built before the primitive existed
+            return bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias)
+        B, n = y.shape
+        T = 0 if gyd is None else gyd.shape[0]
+        G = torch.empty((1 + T) * B, n, dtype=y.dtype)
+        gb = torch.empty(n, dtype=y.dtype) if need_bias else None
+        # GU (G ⊙ scale) is not asked for: the ops fold scale into the blocks for t_matmul instead.
+        _C.bsr_bwd_epilogue(_np(gy), _np(gyd), _np(y), _np(ud), _np(scale), _act.code(act), G.numpy(), None,
+                            _np(gb), torch.get_num_threads())
+        return G, gb
 
 
 def _host(x: torch.Tensor, dtype: torch.dtype):

@@ -5,13 +5,41 @@ backends are tested against it.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ... import _act
 from ..plan import Plan, blocks_to_dense
 from ..registry import register_backend
 
-__all__ = ["TorchBackend"]
+__all__ = ["TorchBackend", "bwd_epilogue_reference"]
+
+
+def bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias):
+    """The backward's elementwise pass of ``fwd``/``jvp`` in torch (the formulas every backend's
+    ``bwd_epilogue`` is tested against; see ``csrc/cpu/bsr_kernels.h``): with ``d = act'`` and
+    ``dd = d act'/dy`` read off ``y``,
+
+        gdu[t] = gyd[t] ⊙ d,   gpre = (gy + dd ⊙ scale ⊙ Σ_t gyd[t] ⊙ ud[t]) ⊙ d,
+        G = [gpre; gdu] ([(1+T)·B, n]),   gbias = Σ_b gpre.
+
+    ``gy``/``gyd`` may be None (zero); ``ud`` is needed when ``gyd`` is given and ``dd`` is not zero.
+    Returns ``(G, gbias or None)``.
+    """
+    d = _act.dact_from_y(act, y)
+    q = gy if gy is not None else torch.zeros_like(y)
+    parts = []
+    if gyd is not None and gyd.shape[0]:
+        parts.append((gyd * d).reshape(-1, y.shape[1]))
+        dd = _act.ddact_dy(act, y)
+        if dd is not None:
+            if ud is None:
+                raise ValueError(f"ud (x_dot Wᵀ) is required for the jvp backward of {act}")
+            S = (gyd * ud).sum(0)
+            q = q + dd * (S if scale is None else S * scale)
+    gpre = q * d
+    G = torch.cat([gpre, *parts]) if parts else gpre
+    return G.contiguous(), (gpre.sum(0) if need_bias else None)
 
 
 class TorchBackend:
@@ -49,6 +77,9 @@ class TorchBackend:
         bm, bk = plan.bm, plan.bk
         full = (g.t() @ x).reshape(plan.n // bm, bm, plan.k // bk, bk).permute(0, 2, 1, 3)
         return full[plan.block_row, plan.col_idx].contiguous()
+
+    def bwd_epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
+        return bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias)
 
 
 register_backend("torch", TorchBackend(), devices=("cpu", "cuda", "mps", "xpu", "meta"), priority=0)

@@ -21,6 +21,7 @@ import torch
 
 from ..plan import as_block, stack_field
 from ..registry import FieldShape, LayerSpec, layer_specs, register_backend
+from .torch_ref import bwd_epilogue_reference
 
 __all__ = ["IMPORT_ERROR", "INTERPRET", "FUSED_MAX_WIDTH", "available", "TritonBackend", "TritonField",
            "FusedFieldPlan", "fused_field", "field_plan"]
@@ -71,6 +72,11 @@ class TritonBackend:
 
     def weight_grad(self, g, x, plan):
         return _kernels().bsr_grad.bsr_weight_grad(g, x, plan.block_row, plan.col_idx, (plan.bm, plan.bk))
+
+    def bwd_epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
+        # The torch formulas on the device's tensors (a handful of fused-by-torch elementwise kernels on
+        # the GPU); a Triton kernel for it is not written yet.
+        return bwd_epilogue_reference(gy, gyd, y, ud, scale, act, need_bias)
 
 
 # ---- the fused field ------------------------------------------------------------------------------
