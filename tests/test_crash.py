@@ -280,8 +280,11 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_an_identical_end
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=60)
         steps.append(_loadable_if_any(out))
-    # progress was kept, never lost; the kills fell inside the run (the steps are in the failure message)
-    assert steps == sorted(steps) and 0 < steps[-1] < STEPS, steps
+        if p.returncode == 0:  # a fast machine finished the run before the kill: nothing left to interrupt
+            break
+    # progress was kept, never lost; the kills at the save phases fell inside the run (the steps are in
+    # the failure message)
+    assert steps == sorted(steps) and 0 < steps[4] < STEPS, steps
     code, o, err = run(capsys, *CRASH_ARGS, "--steps", STEPS, "--out", out)
     assert code == 0 and o.startswith(f"step {STEPS}:"), err
     want, got = _params(ref), _params(out)

@@ -106,10 +106,15 @@ def _masks_from(last: Path, model) -> None:
     saved = ckpt.load_checkpoint(last).model
     mods = dict(model.named_modules())
     for name, m in saved.named_modules():
+        mask = getattr(m, "mask", None)
+        if callable(mask) and hasattr(m, "block_rows"):  # a sparse checkpoint's layer: its kept blocks
+            mask = mask()
+        elif name.endswith(".layer"):  # a layer a sparse checkpoint kept dense (DenseConcatSquash.layer)
+            name = name[: -len(".layer")]
         mine = mods.get(name)
-        if getattr(m, "mask", None) is not None and hasattr(mine, "set_mask") \
-                and tuple(mine.linear.weight.shape) == tuple(m.mask.shape):
-            mine.set_mask(m.mask)
+        if isinstance(mask, torch.Tensor) and hasattr(mine, "set_mask") \
+                and tuple(mine.linear.weight.shape) == tuple(mask.shape):
+            mine.set_mask(mask)
 
 
 @distributed

@@ -263,8 +263,17 @@ def _show(v) -> str:
 
 
 def _mask_summary(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.mask.detach().cpu() for name, m in model.named_modules()
-            if hasattr(m, "set_mask") and getattr(m, "mask", None) is not None}
+    """``{layer: bool mask}``: masked dense layers' ``weight_mask`` and block-sparse layers' kept blocks."""
+    out = {}
+    for name, m in model.named_modules():
+        mask = getattr(m, "mask", None)
+        if callable(mask) and hasattr(m, "block_rows"):  # a block-sparse layer: the mask of its kept blocks
+            mask = mask()
+        elif not hasattr(m, "set_mask"):
+            continue
+        if mask is not None:
+            out[name] = mask.detach().cpu()
+    return out
 
 
 def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
@@ -290,6 +299,8 @@ def _differences(state, model: nn.Module, settings: dict) -> list[tuple[str, Any
         for k in sorted(set(mine) | set(theirs)):
             if k == "T" and (mine.get("train_T") or theirs.get("train_T")):
                 continue  # a learned end time moves during training
+            if k == "sparse":
+                continue  # a sparse checkpoint's layout: its kept blocks are compared as masks below
             if mine.get(k) != theirs.get(k):
                 diffs.append((f"model.{k}", theirs.get(k), mine.get(k)))
     a, b = _mask_summary(state.model), _mask_summary(model)
@@ -323,6 +334,9 @@ def _resume(path: Path, model, opt: torch.optim.Optimizer, history: History, set
     masks, solver, optimizer) and this call's stops the run (``mode="must-match"``) or is warned
     about (``"force"``)."""
     state = ckpt.load_checkpoint(path)  # validated in full before it touches the caller's model
+    why = _sparse.mismatch(model, state.config["model"])  # sparse vs dense: no setting can bridge that
+    if why:
+        raise CheckpointError(f"checkpoint {path} {why}")
     diffs = _differences(state, model, settings)
     if diffs:
         listing = "; ".join(f"{k}: {_show(a)} in the checkpoint, {_show(b)} now" for k, a, b in diffs)
