@@ -173,7 +173,8 @@ def run_one(args, method: str, sparsity: float | None, seed: int) -> dict:
     reg = {"kinetic": lam, "jacobian": lam} if lam > 0 else None
     bits_per_dim = getattr(ds, "bits_per_dim", None)
     pruned = method not in REFERENCES
-    sparse = pruned and (args.sparse if getattr(args, "sparse", None) is not None else args.granularity == "block")
+    fits = pruned and args.granularity == "block" and len(res.fallback) < len(res.masks)  # a layer is block-sparse
+    sparse = pruned and (args.sparse if getattr(args, "sparse", None) is not None else fits)
     record["config"]["sparse"] = sparse
     # Every option is passed by name: one train() does not take fails here, loudly, instead of
     # being dropped while the record's settings still claim it.

@@ -161,7 +161,10 @@ def cmd_train(args) -> int:
     if main and (not resuming or not (out / c.RUN_FILE).exists()):
         atomic_write_json(out / c.RUN_FILE, info)
     pruned_as = (pruned if not resuming else c.run_info(out).get("prune")) or {}
-    sparse = args.sparse if args.sparse is not None else pruned_as.get("granularity") == "block"
+    # default: sparse when block pruning left at least one layer block-sparse (not when every layer fell back)
+    fits = pruned_as.get("granularity") == "block" and \
+        len(pruned_as.get("fallback") or {}) < pruned_as.get("layers", len(pruned_as.get("fallback") or {}) + 1)
+    sparse = args.sparse if args.sparse is not None else fits
     reg = {k: v for k, v in (("kinetic", args.reg_kinetic), ("jacobian", args.reg_jacobian)) if v > 0} or None
     try:
         hist = train(model, train_x, val_x, steps=args.steps, batch_size=args.batch_size,
