@@ -131,7 +131,7 @@ def check_targets(records) -> dict:
         by.setdefault((r["bench"], r["config"].get("width"), r["config"].get("batch"), r["config"].get("density"),
                        r["config"].get("sparsity")), {})[r["provider"]] = r["ms"]
     fused, wide = [], []
-    for (bench, width, batch, density, sparsity), ms in by.items():
+    for (bench, width, batch, density, _sparsity), ms in by.items():
         if bench == "field" and width <= 512 and "dense_eager" in ms and "ours_fused" in ms:
             fused.append(dict(width=width, batch=batch, speedup=ms["dense_eager"] / ms["ours_fused"],
                               cuda_speedup=(ms["dense_eager"] / ms["ours_cuda_fused"]

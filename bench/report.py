@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     out.append("| density | op | dense ms | masked ms | torch_bsr ms | ours ms | × dense | goal 0.7/d | × torch_bsr | "
                "ours GFLOP/s (kept) | % of dense GEMM rate |")
     out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for dd, d, res in rows:
+    for dd, _d, res in rows:
         for op in OPS:
             r = res[op]
             ours = r["ours"]
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     out.append("")
     out.append("| density | ours jvp / ours fwd (goal ≤ 2.2) |")
     out.append("| --- | --- |")
-    for dd, d, res in rows:
+    for dd, _d, res in rows:
         out.append(f"| {dd:.3f} | {res['jvp']['ours'] / res['fwd']['ours']:.2f} |")
     out.append("")
     out.append(f"Fixed cost of `ours` fwd (a single kept block: x read in place, as packing does not pay at "

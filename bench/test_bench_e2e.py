@@ -5,7 +5,8 @@
 One group per (dataset, sparsity, op); providers: ``dense`` (masked dense CNF, eager), ``compiled``
 (its field's forward/jvp under torch.compile; the compile happens in the untimed warm-up), ``sparse``
 (``jf.sparsify`` with ``net.native = False``: torchdiffeq around one fused C++ call per field
-evaluation), ``native`` (``jf.sparsify`` as it runs by default: the whole solve in one native call). Same solver, tolerance and Hutchinson
+evaluation), ``native`` (``jf.sparsify`` as it runs by default: the whole solve in one native call).
+Same solver, tolerance and Hutchinson
 noise for all; ``extra_info`` carries the NFE and the largest log-density difference from dense.
 The full sweep (80/90/95%) with a markdown table is ``jsp-fast bench e2e``. Built on the public API
 only (jf.data, jf.CNF, jf.prune, jf.sparsify).

@@ -273,7 +273,7 @@ def _write_power(root, n=1000):
 
 
 def test_power(tmp_path):
-    raw = _write_power(tmp_path)
+    _write_power(tmp_path)
     ds = D.tabular("POWER", tmp_path)
     assert (ds.name, ds.dim) == ("power", 6)
     assert (ds.test.shape[0], ds.val.shape[0], ds.train.shape[0]) == (100, 90, 810)

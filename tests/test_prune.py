@@ -226,7 +226,7 @@ def test_remove_pruning_bakes_masks():
 
 
 def test_bad_inputs():
-    model, x = _model(), _data()
+    model = _model()
     for s in (-0.1, 1.0, 1.5, float("nan"), "0.5", True):
         with pytest.raises(ValueError, match="sparsity must be"):
             jf.prune(model, "random", s)

@@ -90,7 +90,6 @@ def test_jvp_matches_reference(backend, dtype, act):
     assert yd.shape == (3, 29, 64)
 
     def f(dt):
-        xx = x.to(dt).requires_grad_()
         return lambda inp: act_ref(act, F.linear(inp, W64.to(dt)) * scale.to(dt) + bias.to(dt))
 
     refs = [torch.stack([torch.func.jvp(f(dt), (x.to(dt),), (xd[i].to(dt),))[1] for i in range(3)])

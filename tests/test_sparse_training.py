@@ -126,7 +126,7 @@ def test_solve_gradients_match_masked_dense_and_gradcheck(trace):
     assert abs(float((ld - ls).detach())) < 1e-10
     ld.backward()
     ls.backward()
-    for i, (lay, dl) in enumerate(zip(sp.net.layers, model.net.layers)):
+    for lay, dl in zip(sp.net.layers, model.net.layers):
         assert isinstance(lay, BlockSparseConcatSquash)
         gdense = dl.linear.weight.grad * dl.mask
         gs = lay.weight.with_values(lay.values.grad).to_dense()

@@ -17,7 +17,8 @@ ROOT = Path(__import__("jsp_fast").__file__).resolve().parent
 FACE = {"jsp_fast", "jsp_fast.ops", "jsp_fast.backends"}
 # What each area may import (besides itself and the base modules). Base modules import nothing of ours
 # but each other.
-BASE = {"jsp_fast._C", "jsp_fast._blocks", "jsp_fast._device", "jsp_fast._ext", "jsp_fast._linear_mask", "jsp_fast._act", "jsp_fast._io", "jsp_fast._timing", "jsp_fast.errors"}
+BASE = {"jsp_fast._C", "jsp_fast._act", "jsp_fast._blocks", "jsp_fast._device", "jsp_fast._ext", "jsp_fast._io",
+        "jsp_fast._linear_mask", "jsp_fast._timing", "jsp_fast._version", "jsp_fast.errors"}
 ALLOWED = {
     "app": {"training", "prune", "sparse", "cnf", "data", "kernels"},
     "training": {"prune", "sparse", "cnf", "data"},

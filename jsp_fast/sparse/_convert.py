@@ -339,7 +339,7 @@ class _Converter:
     def collect(self, root: nn.Module) -> None:
         parents = {}
         for q, m in root.named_modules():
-            for n, c in m.named_children():
+            for n, _c in m.named_children():
                 parents[f"{q}.{n}" if q else n] = m
         for q, m in root.named_modules():
             if not isinstance(m, nn.Linear):

@@ -21,7 +21,8 @@ kept blocks for ``t_matmul`` (``(G ⊙ scale) W = G (scale ⊙ W)``: O(weights) 
 Autograd: every backward is written with these same ops plus differentiable torch ops, so it is
 itself differentiable (double backward, needed because CNF training differentiates through the
 trace). The products are bilinear: d(g W)/dg = fwd, d(g W)/dW = weight_grad, d(gᵀx)/dg = fwd,
-d(gᵀx)/dx = t_matmul; the epilogue op's backward is written out in torch ops (``_epi_backward``). The activation's derivative is taken from the saved output y (see
+d(gᵀx)/dx = t_matmul; the epilogue op's backward is written out in torch ops (``_epi_backward``). The
+activation's derivative is taken from the saved output y (see
 ``dact_from_y``), so nothing but y is kept from the forward. The product ``x Wᵀ`` needed for the
 gradient of ``scale`` is not recomputed: that gradient is read off the kept-block product gᵀx that
 the weight gradient needs anyway (``_weight_and_scale_grads``).

@@ -24,14 +24,16 @@ Imports ``cnf`` and ``sparse`` only (``checkpoint`` and ``loop`` import this mod
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
 from torch import nn
 
 from ..cnf import CNF, ODEnet
-from ..sparse import SparseODEnet, registry, sparsify
-from ..sparse._field import BlockSparseConcatSquash, DenseConcatSquash
+
+# The compute layer (jsp_fast.sparse) loads the compiled core: it is imported where a sparse model is
+# built, not with this module (checkpoint imports it, and `jsp-fast train --help` must stay light).
 
 __all__ = ["is_sparse", "training_copy", "write_back", "to_dense", "layout", "is_sparse_config", "from_config",
            "mismatch"]
@@ -40,8 +42,9 @@ _CNF_KEYS = ("dim", "trace", "noise", "solver", "rtol", "atol", "adjoint", "trai
 
 
 def is_sparse(model: nn.Module) -> bool:
-    """True for a CNF whose field is a ``SparseODEnet``."""
-    return isinstance(getattr(model, "net", None), SparseODEnet)
+    """True for a CNF whose field is a ``SparseODEnet`` (none exists before jsp_fast.sparse is imported)."""
+    sparse = sys.modules.get("jsp_fast.sparse")
+    return sparse is not None and isinstance(getattr(model, "net", None), sparse.SparseODEnet)
 
 
 def _same_config(model: CNF, net: nn.Module) -> CNF:
@@ -81,6 +84,8 @@ def training_copy(model: nn.Module, saved: nn.Module | None = None, backend: str
     if not isinstance(model, CNF) or not isinstance(model.net, ODEnet):
         raise TypeError(f"sparse=True trains a jf.CNF whose field is a jsp_fast ODEnet, got {type(model).__name__}"
                         + (f" with a {type(model.net).__name__} field" if isinstance(model, CNF) else ""))
+    from ..sparse import sparsify  # noqa: PLC0415
+
     out = sparsify(model, backend=backend)
     net = out.net
     if not net.sparse_layers:
@@ -105,11 +110,11 @@ def write_back(sparse_model: CNF, model: nn.Module) -> None:
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
-def layout(net: SparseODEnet) -> dict:
+def layout(net) -> dict:
     """What a sparse checkpoint records beside the state dict to rebuild ``net``'s structure."""
     layers = []
     for i, layer in enumerate(net.layers):
-        if isinstance(layer, BlockSparseConcatSquash):
+        if hasattr(layer, "block_rows"):  # a BlockSparseConcatSquash
             layers.append({"kind": "sparse", "block": [int(b) for b in layer.block]})
         else:
             layers.append({"kind": "dense", "reason": net.dense_layers.get(i, "")})
@@ -133,6 +138,9 @@ def mismatch(model: nn.Module, cfg_model: dict) -> str | None:
 def from_config(cfg_model: dict, state: dict[str, torch.Tensor]) -> CNF:
     """The skeleton of a saved sparse CNF (the right layers, kept-block counts and masks), ready for
     ``load_state_dict(state)``. Raises ValueError/KeyError when ``cfg_model`` and ``state`` disagree."""
+    from ..sparse import SparseODEnet, registry  # noqa: PLC0415
+    from ..sparse._field import BlockSparseConcatSquash, DenseConcatSquash  # noqa: PLC0415
+
     spec = cfg_model["sparse"]
     dense = CNF.from_config(cfg_model)
     layers, dense_layers = [], {}
