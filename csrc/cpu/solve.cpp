@@ -52,7 +52,7 @@ namespace {
 // OpenMP region adds a barrier: on a loaded 2-core machine (log_prob, 64-d, 512x3 at 90%, B = 1000,
 // 2 threads) splitting 65K-element passes made the solve 20% slower than its bare field calls,
 // one thread per pass 1.5%.
-constexpr int64_t kParMin = int64_t(1) << 20;
+constexpr int64_t kParMin = int64_t(1) << 15;
 
 int default_threads() {
 #ifdef JSP_FAST_OPENMP

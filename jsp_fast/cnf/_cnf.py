@@ -52,9 +52,11 @@ FRO_EPS = 1e-8
 # Working-set budget of one default chunk (no_grad), by device type. Measured on the CPU (1M 2-d points,
 # dense 64x3 exact trace, dopri5, 1 thread; tests/_memory_probe.py): ~3.1 KB per point, i.e. about
 # 4 numbers per (tangent + value) per unit of the widest layer (see default_chunk); peak RSS 3.4 GB
-# in one chunk, 0.45 GB at 16384 points per chunk, 0.30 GB at 4096 (torch alone: 0.27 GB), and chunks
-# of 1-4K points were also the fastest (the working set stays in cache). A GPU wants big launches.
-CHUNK_BYTES = {"cpu": 16 << 20}
+# in one chunk, 0.45 GB at 16384 points per chunk, 0.30 GB at 4096 (torch alone: 0.27 GB). 32 MiB
+# (10922 such points) keeps the 10k-point batches of `jsp-fast bench e2e` in one chunk: a second chunk
+# there cost the fused/native sparse paths 25-40% (a second solve, half the rows per parallel call).
+# A GPU wants big launches.
+CHUNK_BYTES = {"cpu": 32 << 20}
 CHUNK_BYTES_OTHER = 1 << 30
 MIN_CHUNK, MAX_CHUNK = 1024, 1 << 20
 
@@ -347,7 +349,7 @@ class CNF(nn.Module):
         A field evaluation holds about 4 numbers per point per (tangent + value) per unit of the widest
         layer (pre-activation, activation, derivative, the next layer's input; measured, see
         ``CHUNK_BYTES``): the chunk is the device's budget over that, clamped to
-        [MIN_CHUNK, MAX_CHUNK]. 5461 points for a 2-d 64-wide exact-trace model on the CPU.
+        [MIN_CHUNK, MAX_CHUNK]. 10922 points for a 2-d 64-wide exact-trace model on the CPU.
         """
         widths = [int(w) for w in getattr(self.net, "hidden", ()) or ()]
         if not widths:  # a user field: its widest weight stands in for its widest layer
