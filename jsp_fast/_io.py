@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "replace_markdown_section"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
@@ -45,3 +45,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> None:
     """``obj`` as JSON (floats for anything else float-like, e.g. NumPy scalars), atomically."""
     atomic_write_text(path, json.dumps(obj, indent=indent, default=float) + "\n")
+
+
+def replace_markdown_section(path: str | os.PathLike, section: str, heading: str, append: bool = False) -> None:
+    """Replace (or add at the end) the section of the markdown file ``path`` that starts with the line
+    ``heading`` and runs to the next ``## `` line; ``section`` starts with that heading too. The rest
+    of the file is kept byte for byte and the file is replaced atomically (``bench/RESULTS.md``: each
+    benchmark owns one section). ``append``: keep the section's earlier runs and add this one after
+    them (under one heading)."""
+    if not section.startswith(heading):
+        raise ValueError(f"section must start with its heading {heading!r}, got {section[:40]!r}")
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        if append:
+            section = "".join(lines[start:end]).rstrip("\n") + "\n\n---\n" + section.split("\n", 1)[1]
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    atomic_write_text(path, new)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from jsp_fast.app import cli
+from _cli_util import run
 
 
 @pytest.fixture(autouse=True)
@@ -16,15 +17,6 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-def run(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _one_line_error(code, err):

@@ -11,6 +11,7 @@ import torch
 
 import jsp_fast as jf
 from jsp_fast.app import _common, cli, compare, plots, runners
+from _cli_util import run
 
 
 @pytest.fixture(autouse=True)
@@ -18,15 +19,6 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-def run(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line(code, err) -> str:

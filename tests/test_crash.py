@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import jsp_fast as jf
-from jsp_fast.app import cli
 from jsp_fast.errors import ConfigError, ResumeMismatchError
 from jsp_fast.training import checkpoint as ckpt
+from _cli_util import run
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +27,6 @@ def _restore_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def run(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 TRAIN = ["train", "--dataset", "8gaussians", "--n", 200, "--hidden", "8,8", "--batch-size", 32, "--eval-every", 2,

@@ -14,11 +14,11 @@ from torch.autograd import gradcheck, gradgradcheck
 import jsp_fast as jf
 from jsp_fast import _act
 from jsp_fast._ext import _C
-from jsp_fast.app import cli
 from jsp_fast.sparse._field import BlockSparseConcatSquash, SparseODEnet
 from jsp_fast.sparse._ops import bsr_bwd_epilogue
 from jsp_fast.sparse.backends.torch_ref import bwd_epilogue_reference
 from jsp_fast.training import CheckpointError, _sparse, load_checkpoint
+from _cli_util import run as _run
 
 D = torch.float64
 ACTS = ("none", "tanh", "softplus", "elu", "relu", "sigmoid")
@@ -267,15 +267,6 @@ def test_train_sparse_reports_dense_layers_and_errors(tmp_path):
 
 
 # ---- the CLI --------------------------------------------------------------------------------------------
-def _run(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_block_pruned_trains_sparse_saves_loads_samples(capsys, tmp_path):
     run_dir = tmp_path / "run"
     common = ["train", "--dataset", "8gaussians", "--n", 300, "--hidden", "16,16", "--batch-size", 32,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_text
+from .._io import replace_markdown_section
 from .._timing import round_robin
 from ..cnf import CNF
 from ..data import digits
@@ -238,26 +238,9 @@ def format_markdown(rows: list[dict], command: str, solver: str, tol: float, pru
 
 
 def write_section(path: Path, section: str, append: bool = False, heading: str = SECTION) -> None:
-    """Replace (or create) the ``heading`` section ("End to end" by default) of a markdown file
-    (``bench/RESULTS.md``); the rest of the file is untouched, and the file is replaced atomically.
-    ``section`` starts with the heading line.
-
-    ``append``: keep the section's earlier runs and add this one after them (without a second heading).
-    """
-    path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.strip() == heading), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        if append:
-            body = section.split("\n", 1)[1] if section.startswith(heading) else section
-            section = "".join(lines[start:end]).rstrip("\n") + "\n\n---\n" + body
-        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    atomic_write_text(path, new)
+    """Replace (or create) the ``heading`` section ("End to end" by default) of ``bench/RESULTS.md``;
+    ``append`` keeps its earlier runs (``jsp_fast._io.replace_markdown_section``)."""
+    replace_markdown_section(path, section, heading, append=append)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

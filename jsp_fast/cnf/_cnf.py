@@ -212,6 +212,19 @@ class CNF(nn.Module):
         runs = self._nfe_chunks
         return {k: max((r[k] for r in runs), default=0) for k in ("forward", "backward")}
 
+    def with_net(self, net: nn.Module) -> "CNF":
+        """A new CNF with this one's configuration, end time and train/eval mode around the field
+        ``net`` (``jf.sparsify`` and sparse training swap fields this way)."""
+        cfg = self.config()
+        keys = ("dim", "trace", "noise", "solver", "rtol", "atol", "adjoint", "train_T", "options")
+        out = CNF(**{k: cfg[k] for k in keys}, T=1.0, net=net)
+        ref = self.sqrt_T
+        out.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            out.sqrt_T.copy_(ref)
+        out.train(self.training)
+        return out
+
     @property
     def last_solve(self) -> dict:
         """How the last solve ran: ``{"native": bool}`` (one native call, or torchdiffeq), plus

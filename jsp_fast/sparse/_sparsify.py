@@ -63,13 +63,6 @@ def _sparsify_cnf(model: CNF, masks, block, backend, fused) -> CNF:
     snet, report = convert_module(net, inner, block, backend, fused)
     for r in report.layers:
         r.name = f"net.{r.name}" if r.name else "net"
-    cfg = model.config()
-    keys = ("dim", "trace", "noise", "solver", "rtol", "atol", "adjoint", "train_T", "options")
-    out = CNF(**{k: cfg[k] for k in keys}, T=1.0, net=snet)
-    ref = model.sqrt_T
-    out.to(device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        out.sqrt_T.copy_(ref)
-    out.train(model.training)
+    out = model.with_net(snet)
     out.sparsify_report = report
     return out

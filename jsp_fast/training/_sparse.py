@@ -38,7 +38,6 @@ from ..cnf import CNF, ODEnet
 __all__ = ["is_sparse", "training_copy", "write_back", "to_dense", "layout", "is_sparse_config", "from_config",
            "mismatch"]
 
-_CNF_KEYS = ("dim", "trace", "noise", "solver", "rtol", "atol", "adjoint", "train_T", "options")
 
 
 def is_sparse(model: nn.Module) -> bool:
@@ -49,14 +48,7 @@ def is_sparse(model: nn.Module) -> bool:
 
 def _same_config(model: CNF, net: nn.Module) -> CNF:
     """A CNF with ``model``'s configuration (and end time) around ``net``."""
-    cfg = model.config()
-    out = CNF(**{k: cfg[k] for k in _CNF_KEYS}, T=1.0, net=net)
-    ref = model.sqrt_T
-    out.to(device=ref.device, dtype=ref.dtype)
-    with torch.no_grad():
-        out.sqrt_T.copy_(ref)
-    out.train(model.training)
-    return out
+    return model.with_net(net)
 
 
 def to_dense(model: CNF) -> CNF:
