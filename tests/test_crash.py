@@ -284,3 +284,29 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint_and_an_identical_end
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "last", "run.json"]
     hist = json.loads((out / "history.json").read_text())["rows"]
     assert [r["step"] for r in hist] == list(range(STEPS + 1))
+
+
+def test_compare_killed_resumes_without_redoing_finished_runs(tmp_path):
+    """SIGKILL during a compare grid: every record on disk is whole, and the rerun skips them (their
+    files untouched) and runs only the rest."""
+    out = tmp_path / "cmp"
+    argv = [sys.executable, "-m", "jsp_fast.app.cli", "compare", "--dataset", "8gaussians", "--out", str(out),
+            "--methods", "jsp,random", "--sparsities", "0.8", "--seeds", "0,1", "--steps", "3",
+            "--batch-size", "32", "--hidden", "8,8", "--eval-every", "3", "--n-samples", "20",
+            "--prune-batch", "64", "--n-test", "50", "--eval-tol", "1e-3", "--no-references", "--threads", "1"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs = out / "runs"
+    t0 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t0 < 120 and not list(runs.glob("*.json")):
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    done = {f.name: f.stat().st_mtime_ns for f in runs.glob("*.json")}
+    assert done, "the grid was killed before its first run finished"
+    for f in runs.glob("*.json"):
+        json.loads(f.read_text())  # whole, never half-written
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{len(done)} of 4 runs already done" in res.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in runs.glob("*.json") if f.name in done} == done
+    assert len(list(runs.glob("*.json"))) == 4 and (out / "report.md").exists()
