@@ -31,7 +31,8 @@ is needed. What it computes, in ``CNF`` terms (the field packed by ``SparseODEne
 whole solve, as CNF does. Times are rounded to the state's dtype first, as CNF's time tensor is.
 
 Failures (step-size underflow, a non-finite state, ``max_num_steps`` exceeded) raise
-``SolveError`` (a ``RuntimeError``) whose message names the solver, the time reached and what to try.
+``jsp_fast._C.SolveError`` (a ``RuntimeError``; ``CpuField.solve`` turns it into ``jf.SolverError``)
+whose message names the solver, the time reached and what to try.
 """
 from __future__ import annotations
 
@@ -47,16 +48,6 @@ TRACES = ("exact", "hutchinson", "none")
 _ADAPTIVE_OPTIONS = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor",
                      "max_num_steps", "chunk")
 _FIXED_OPTIONS = ("step_size", "chunk")
-
-
-def _solve_error():
-    return require_C().SolveError
-
-
-def __getattr__(name):  # SolveError lives in the compiled module; resolve it lazily
-    if name == "SolveError":
-        return _solve_error()
-    raise AttributeError(name)
 
 
 def _positive(name, x, allow_zero=False, integer=False):
