@@ -14,6 +14,7 @@ import signal
 import torch
 
 import jsp_fast as jf
+from safetensors.torch import save_file
 
 
 def main() -> None:
@@ -54,7 +55,7 @@ def main() -> None:
         jf.train(model, x[:512], x[512:], steps=a.steps, batch_size=32, lr=1e-2, eval_every=2, eval_batch=48,
                  R_batch=40, progress=False, checkpoint_dir=a.ckpt, checkpoint_every=a.ckpt_every, callback=callback)
     if rank == 0 and a.params:
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, a.params)
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, a.params)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import jsp_fast as jf
 from jsp_fast.app import cli
 from jsp_fast.training import _dist, load_checkpoint
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is needed")
@@ -163,9 +164,9 @@ def test_different_masks_on_ranks_are_caught(tmp_path):
 
 def test_block_sparse_model_trains_under_ddp(tmp_path):
     # twice in one process: the second jf.train reuses the group the first joined
-    _ok(_python([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "one.pt"]))
-    _ok(_torchrun([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "two.pt"]))
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    _ok(_python([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "one.safetensors"]))
+    _ok(_torchrun([SCRIPT, "--sparse", "--repeat", 2, "--params", tmp_path / "two.safetensors"]))
+    one, two = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
     assert any(k.endswith(".values") for k in one)  # the kept blocks are the trained parameters
     _assert_params_close(one, two)
 
@@ -184,12 +185,12 @@ def test_killed_rank_stops_the_other_and_resume_with_two_and_one(tmp_path):
     assert not list(ck.glob(".last.tmp-*"))
     shutil.copytree(ck, tmp_path / "ck1")
 
-    _ok(_python([SCRIPT, "--steps", 6, "--params", tmp_path / "ref.pt"]))  # uninterrupted, one process
-    _ok(_torchrun([SCRIPT, "--ckpt", ck, "--steps", 6, "--params", tmp_path / "two.pt"]))
-    _ok(_python([SCRIPT, "--ckpt", tmp_path / "ck1", "--steps", 6, "--params", tmp_path / "one.pt"]))
-    ref = torch.load(tmp_path / "ref.pt")
-    _assert_params_close(ref, torch.load(tmp_path / "two.pt"))
-    _assert_params_close(ref, torch.load(tmp_path / "one.pt"))
+    _ok(_python([SCRIPT, "--steps", 6, "--params", tmp_path / "ref.safetensors"]))  # uninterrupted, one process
+    _ok(_torchrun([SCRIPT, "--ckpt", ck, "--steps", 6, "--params", tmp_path / "two.safetensors"]))
+    _ok(_python([SCRIPT, "--ckpt", tmp_path / "ck1", "--steps", 6, "--params", tmp_path / "one.safetensors"]))
+    ref = load_file(tmp_path / "ref.safetensors")
+    _assert_params_close(ref, load_file(tmp_path / "two.safetensors"))
+    _assert_params_close(ref, load_file(tmp_path / "one.safetensors"))
     assert [r["step"] for r in load_checkpoint(ck).history.rows] == list(range(7))
 
 
