@@ -16,6 +16,7 @@ from ..data import digits
 from ..errors import CheckpointError, ConfigError, ResumeMismatchError
 from ..training import _dist, exists, train
 from ..training import checkpoint as ckpt
+from ..training._sparse import layer_masks
 from . import _common as c
 from . import plots
 from ._distributed import distributed, prune_once
@@ -103,17 +104,10 @@ def _prune_differences(args, out: Path) -> list[str]:
 def _masks_from(last: Path, model) -> None:
     """Give ``model`` the masks of the checkpoint it resumes (pruning is not redone; ``train``
     then checks everything else against the checkpoint)."""
-    saved = ckpt.load_checkpoint(last).model
     mods = dict(model.named_modules())
-    for name, m in saved.named_modules():
-        mask = getattr(m, "mask", None)
-        if callable(mask) and hasattr(m, "block_rows"):  # a sparse checkpoint's layer: its kept blocks
-            mask = mask()
-        elif name.endswith(".layer"):  # a layer a sparse checkpoint kept dense (DenseConcatSquash.layer)
-            name = name[: -len(".layer")]
+    for name, mask in layer_masks(ckpt.load_checkpoint(last).model).items():  # dense or sparse checkpoint
         mine = mods.get(name)
-        if isinstance(mask, torch.Tensor) and hasattr(mine, "set_mask") \
-                and tuple(mine.linear.weight.shape) == tuple(mask.shape):
+        if hasattr(mine, "set_mask") and tuple(mine.linear.weight.shape) == tuple(mask.shape):
             mine.set_mask(mask)
 
 

@@ -35,8 +35,8 @@ from ..cnf import CNF, ODEnet
 # The compute layer (jsp_fast.sparse) loads the compiled core: it is imported where a sparse model is
 # built, not with this module (checkpoint imports it, and `jsp-fast train --help` must stay light).
 
-__all__ = ["is_sparse", "training_copy", "write_back", "to_dense", "layout", "is_sparse_config", "from_config",
-           "mismatch"]
+__all__ = ["is_sparse", "training_copy", "write_back", "to_dense", "layer_masks", "layout", "is_sparse_config",
+           "from_config", "mismatch"]
 
 
 
@@ -99,6 +99,25 @@ def write_back(sparse_model: CNF, model: nn.Module) -> None:
     for dst, src in zip(model.net.layers, dense.net.layers):
         dst.set_mask(src.mask)
     model.load_state_dict(dense.state_dict())
+
+
+def layer_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{layer name: bool mask [out, in]}`` of a dense or block-sparse CNF, named as in the masked dense
+    model: masked layers' ``weight_mask``, block-sparse layers' kept blocks, and a layer a sparse model
+    kept dense (``DenseConcatSquash.layer``) under its dense name. Resume compares these; the CLI copies
+    them from a checkpoint into the model it resumes."""
+    out = {}
+    for name, m in model.named_modules():
+        mask = getattr(m, "mask", None)
+        if callable(mask) and hasattr(m, "block_rows"):  # a block-sparse layer: the mask of its kept blocks
+            mask = mask()
+        elif not hasattr(m, "set_mask"):
+            continue
+        elif name.endswith(".layer"):  # DenseConcatSquash wraps the dense layer as `.layer`
+            name = name[: -len(".layer")]
+        if mask is not None:
+            out[name] = mask.detach().cpu()
+    return out
 
 
 # -- checkpoints -------------------------------------------------------------------------------------

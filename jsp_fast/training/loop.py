@@ -262,20 +262,6 @@ def _show(v) -> str:
     return r if len(r) <= 60 else r[:57] + "..."
 
 
-def _mask_summary(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{layer: bool mask}``: masked dense layers' ``weight_mask`` and block-sparse layers' kept blocks."""
-    out = {}
-    for name, m in model.named_modules():
-        mask = getattr(m, "mask", None)
-        if callable(mask) and hasattr(m, "block_rows"):  # a block-sparse layer: the mask of its kept blocks
-            mask = mask()
-        elif not hasattr(m, "set_mask"):
-            continue
-        if mask is not None:
-            out[name] = mask.detach().cpu()
-    return out
-
-
 def _describe_masks(masks: dict[str, torch.Tensor]) -> str:
     if not masks:
         return "no masks (dense)"
@@ -303,7 +289,7 @@ def _differences(state, model: nn.Module, settings: dict) -> list[tuple[str, Any
                 continue  # a sparse checkpoint's layout: its kept blocks are compared as masks below
             if mine.get(k) != theirs.get(k):
                 diffs.append((f"model.{k}", theirs.get(k), mine.get(k)))
-    a, b = _mask_summary(state.model), _mask_summary(model)
+    a, b = _sparse.layer_masks(state.model), _sparse.layer_masks(model)
     if a.keys() != b.keys() or any(not torch.equal(a[k], b[k]) for k in a):
         da, db = _describe_masks(a), _describe_masks(b)
         if da == db:
