@@ -342,6 +342,86 @@ def test_cpp_argument_checks_every_op(op):
         call(v, t, x.astype("float64"))
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,B1", [(700, 300), (37, 0), (37, 37), (600, 256), (5, 2)])
+def test_cpp_weight_grad_two_row_sources(dtype, B, B1):
+    """weight_grad(g, x, x2=...) reads g's rows against [x; x2] in place: chunks (256 rows) end at B1
+    too, so a split inside a chunk, at its edge, or with an empty x or x2 gives gᵀ[x; x2] on kept blocks."""
+    from jsp_fast._ext import _C
+
+    w, W64, gen = make(48, 80, (16, 16), 0.5, dtype, seed=B + B1)
+    t = [a.numpy() for a in w.tables()] + [48, 80]
+    g = torch.randn(B, 48, generator=gen, dtype=dtype)
+    x = torch.randn(B, 80, generator=gen, dtype=dtype)
+    gv = torch.empty(w.values.shape, dtype=dtype)
+    _C.bsr_weight_grad(w.values.numpy(), *t, g.numpy(), x[:B1].numpy(), gv.numpy(), 2, x[B1:].numpy())
+    P = g.double().t() @ x.double()
+    ref = torch.stack([P[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] for r, c in zip(w.block_row.tolist(),
+                                                                                  w.col_idx.tolist())])
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    assert (gv.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    with pytest.raises(ValueError, match="x2"):
+        _C.bsr_weight_grad(w.values.numpy(), *t, g.numpy(), x[:B1].numpy(), gv.numpy(), 2,
+                           torch.cat([x[B1:], x[:1]]).numpy())
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="compiled backend not built")
+@pytest.mark.parametrize("act", ACTS)
+def test_cpp_jvp_writes_the_tangent_products(act):
+    """jvp(..., ud=) also writes ud = x_dot Wᵀ (before act' ⊙ scale), what the backward reads."""
+    from jsp_fast import _act
+    from jsp_fast._ext import _C
+
+    w, W64, gen = make(64, 96, (16, 32), 0.4, torch.float32, seed=71)
+    t = [a.numpy() for a in w.tables()] + [64, 96]
+    x = torch.randn(19, 96, generator=gen)
+    xd = torch.randn(3, 19, 96, generator=gen)
+    s, b = torch.rand(64, generator=gen) + 0.5, torch.randn(64, generator=gen)
+    y, yd, ud = torch.empty(19, 64), torch.empty(3, 19, 64), torch.empty(3, 19, 64)
+    y0, yd0 = torch.empty(19, 64), torch.empty(3, 19, 64)
+    args = (w.values.numpy(), *t, x.numpy(), xd.numpy(), s.numpy(), b.numpy(), _act.code(act))
+    _C.bsr_jvp(*args, y.numpy(), yd.numpy(), 2, ud.numpy())
+    _C.bsr_jvp(*args, y0.numpy(), yd0.numpy(), 2)
+    assert torch.equal(y, y0) and torch.equal(yd, yd0)
+    ref = F.linear(xd.double(), W64)
+    assert (ud.double() - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("uses", ["both", "value", "tangent"])
+def test_eager_training_path_matches_the_ops(backend, uses):
+    """Under grad in eager mode bsr_linear_jvp runs _JvpTrain (direct backend calls, ud kept from the
+    forward, weight_grad over [x; x_dot] in place); its gradients equal the custom op's, also when only
+    the value or only the tangent reaches the loss (the other output's gradient is None, not zeros)."""
+    from jsp_fast.sparse import _ops
+
+    w, _, gen = make(64, 96, (16, 32), 0.5, torch.float64, seed=81)
+    x = torch.randn(23, 96, generator=gen, dtype=torch.float64, requires_grad=True)
+    xd = torch.randn(2, 23, 96, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = w.values.clone().requires_grad_()
+    s = (torch.rand(64, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(64, generator=gen, dtype=torch.float64, requires_grad=True)
+    g1, g2 = torch.randn(23, 64, generator=gen, dtype=torch.float64), torch.randn(2, 23, 64, generator=gen,
+                                                                                   dtype=torch.float64)
+
+    def loss(y, yd):
+        return (0 if uses == "tangent" else (y * g1).sum()) + (0 if uses == "value" else (yd * g2).sum())
+
+    y, yd = jf.ops.bsr_linear_jvp(x, xd, w.with_values(v), s, b, "tanh", backend=backend)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_JvpTrainBackward"  # under the reshape
+    got = torch.autograd.grad(loss(y, yd), (x, xd, v, s, b), allow_unused=True)
+    name = registry.resolve(backend, x.device, x.dtype, w.plan())
+    y2, yd2 = _ops.bsr_jvp(x, xd, v, *w.tables(), s, b, "tanh", name)
+    assert torch.equal(y, y2) and torch.equal(yd, yd2)
+    ref = torch.autograd.grad(loss(y2, yd2), (x, xd, v, s, b), allow_unused=True)
+    for a, r, what in zip(got, ref, ("x", "x_dot", "values", "scale", "bias")):
+        if r is None or not r.abs().sum():
+            assert a is None or not a.abs().sum(), what
+        else:
+            assert torch.allclose(a, r, rtol=1e-10, atol=1e-12), what
+
+
 def test_backend_selection(monkeypatch):
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     best = "cpu" if "cpu" in BACKENDS else "torch"

@@ -126,7 +126,7 @@ void py_fwd(JSP_PLAN_ARGS, py::handle x, py::handle scale, py::handle bias, int 
 }
 
 void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py::handle bias, int act, py::handle y,
-            py::handle y_dot, int num_threads) {
+            py::handle y_dot, int num_threads, py::handle ud) {
   with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto* vp) {
     using T = decltype(tag);
     auto xa = checked<T>(x, {-1, k}, "x");
@@ -138,9 +138,12 @@ void py_jvp(JSP_PLAN_ARGS, py::handle x, py::handle x_dot, py::handle scale, py:
     const T* sp = optional_data<T>(scale, {n}, "scale");
     const T* bp = optional_data<T>(bias, {n}, "bias");
     const Act a = to_act(act);
+    py::array uda;
+    if (!ud.is_none()) uda = checked<T>(ud, {ntan, B, n}, "ud", true);
+    T* udp = ud.is_none() ? nullptr : mutable_data<T>(uda);
     py::gil_scoped_release release;
     cpu::bsr::jvp<T>(lay, vp, data<T>(xa), data<T>(xda), ntan, B, sp, bp, a, mutable_data<T>(ya),
-                     mutable_data<T>(yda), num_threads);
+                     mutable_data<T>(yda), num_threads, udp);
   });
 }
 
@@ -156,15 +159,24 @@ void py_t_matmul(JSP_PLAN_ARGS, py::handle g, py::handle gx, int num_threads) {
 }
 
 // values is only read for its dtype and block shape here (the gradient does not depend on it).
-void py_weight_grad(JSP_PLAN_ARGS, py::handle g, py::handle x, py::handle gv, int num_threads) {
+// x2 (optional): the input rows after x's, so g's rows are [x; x2] without stacking them.
+void py_weight_grad(JSP_PLAN_ARGS, py::handle g, py::handle x, py::handle gv, int num_threads, py::handle x2) {
   with_plan(JSP_PLAN_FORWARD, [&](auto tag, const Layout& lay, const auto*) {
     using T = decltype(tag);
     auto ga = checked<T>(g, {-1, n}, "g");
     const int64_t B = ga.shape(0);
-    auto xa = checked<T>(x, {B, k}, "x");
+    const T* x2p = nullptr;
+    int64_t B1 = B;
+    if (!x2.is_none()) {
+      auto x1a = checked<T>(x, {-1, k}, "x");
+      B1 = x1a.shape(0);
+      if (B1 > B) fail("x has more rows than g");
+      x2p = data<T>(checked<T>(x2, {B - B1, k}, "x2 (g's rows after x's)"));
+    }
+    auto xa = checked<T>(x, {B1, k}, "x");
     auto gva = checked<T>(gv, {lay.nnzb, lay.bm, lay.bk}, "gv", true);
     py::gil_scoped_release release;
-    cpu::bsr::weight_grad<T>(lay, data<T>(ga), data<T>(xa), B, mutable_data<T>(gva), num_threads);
+    cpu::bsr::weight_grad<T>(lay, data<T>(ga), data<T>(xa), B, mutable_data<T>(gva), num_threads, x2p, B1);
   });
 }
 
@@ -217,12 +229,14 @@ void bind_cpu_sparse(py::module_& m) {
         py::arg("y"), py::arg("num_threads") = 0,
         "y[B, n] = act(scale * (x W^T) + bias) for a block-sparse W (writes y).");
   m.def("bsr_jvp", &py_jvp, JSP_PLAN_PYARGS, py::arg("x"), py::arg("x_dot"), py::arg("scale"), py::arg("bias"),
-        py::arg("act"), py::arg("y"), py::arg("y_dot"), py::arg("num_threads") = 0,
-        "Value and T tangents in one pass over the weights (writes y [B, n], y_dot [T, B, n]).");
+        py::arg("act"), py::arg("y"), py::arg("y_dot"), py::arg("num_threads") = 0, py::arg("ud") = py::none(),
+        "Value and T tangents in one pass over the weights (writes y [B, n], y_dot [T, B, n]; and ud [T, B, n] = "
+        "x_dot W^T, the tangents before act' * scale, when given).");
   m.def("bsr_t_matmul", &py_t_matmul, JSP_PLAN_PYARGS, py::arg("g"), py::arg("gx"), py::arg("num_threads") = 0,
         "gx[B, k] = g W (input gradient; reads the transposed table).");
   m.def("bsr_weight_grad", &py_weight_grad, JSP_PLAN_PYARGS, py::arg("g"), py::arg("x"), py::arg("gv"),
-        py::arg("num_threads") = 0, "gv[nnzb, bm, bk] = g^T x on the kept blocks only.");
+        py::arg("num_threads") = 0, py::arg("x2") = py::none(),
+        "gv[nnzb, bm, bk] = g^T [x; x2] on the kept blocks only (x2: optional rows after x's).");
   m.def("bsr_bwd_epilogue", &py_bwd_epilogue, py::arg("gy"), py::arg("gyd"), py::arg("y"), py::arg("ud"),
         py::arg("scale"), py::arg("act"), py::arg("G"), py::arg("GU"), py::arg("gbias"), py::arg("num_threads") = 0,
         "The backward's elementwise pass of fwd/jvp (writes G = [gpre; gyd*act'], GU = G*scale, gbias).");

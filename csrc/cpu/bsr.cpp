@@ -287,6 +287,7 @@ struct ActEpi {
   int64_t ow = 0, owp = 0, ny = 0, B = 0;
   T* y = nullptr;
   T* y_dot = nullptr;  // [T, B, ny]
+  T* ud = nullptr;     // [T, B, ny] or null: the tangent products before act' * scale
   std::shared_ptr<Buf<T>> dbuf;  // per thread [TB][kMaxNV * L]: act' * scale of the tile's value rows
   int64_t tile_rows_ = 0;
 
@@ -329,6 +330,10 @@ struct ActEpi {
         T* out = base + (row0 + r) * ny + col;
         const T* d = dbuf->data() + (row_in_tile(row0) + r) * (kMaxNV * L);
         for (int v = 0; v < NV; ++v) store_lanes<T, true>(out + v * L, acc[r][v] * simd::load<T>(d + v * L), lanes_left - v * L);
+        if (ud) {
+          T* u = ud + (g - 1) * B * ny + (row0 + r) * ny + col;
+          for (int v = 0; v < NV; ++v) store_lanes<T, true>(u + v * L, acc[r][v], lanes_left - v * L);
+        }
       }
     }
   }
@@ -352,7 +357,7 @@ struct StoreEpi {
 
 template <typename T>
 void fwd_impl(const Layout& lay, const T* values, const T* x, const T* x_dot, int64_t ntan, int64_t B,
-              const T* scale, const T* bias, Act act, T* y, T* y_dot, int num_threads) {
+              const T* scale, const T* bias, Act act, T* y, T* y_dot, T* ud, int num_threads) {
   constexpr int L = simd::Vec<T>::L;
   const int64_t bm = lay.bm, bk = lay.bk, owp = round_up(bm, L);
   // Blocks transposed to [bk][owp]: output index contiguous for the broadcast-FMA.
@@ -388,6 +393,7 @@ void fwd_impl(const Layout& lay, const T* values, const T* x, const T* x_dot, in
   epi.B = B;
   epi.y = y;
   epi.y_dot = y_dot;
+  epi.ud = ud;
   const int64_t G = 1 + ntan;
   std::vector<const T*> groups(static_cast<size_t>(G));
   groups[0] = x;
@@ -464,13 +470,13 @@ void pack_rows(const T* src, int64_t ld, int64_t nrows, T* dst) {
 template <typename T>
 void fwd(const Layout& lay, const T* values, const T* x, int64_t B, const T* scale, const T* bias, Act act,
          T* y, int num_threads) {
-  fwd_impl<T>(lay, values, x, nullptr, 0, B, scale, bias, act, y, nullptr, num_threads);
+  fwd_impl<T>(lay, values, x, nullptr, 0, B, scale, bias, act, y, nullptr, nullptr, num_threads);
 }
 
 template <typename T>
 void jvp(const Layout& lay, const T* values, const T* x, const T* x_dot, int64_t ntan, int64_t B, const T* scale,
-         const T* bias, Act act, T* y, T* y_dot, int num_threads) {
-  fwd_impl<T>(lay, values, x, x_dot, ntan, B, scale, bias, act, y, y_dot, num_threads);
+         const T* bias, Act act, T* y, T* y_dot, int num_threads, T* ud) {
+  fwd_impl<T>(lay, values, x, x_dot, ntan, B, scale, bias, act, y, y_dot, ud, num_threads);
 }
 
 template <typename T>
@@ -506,7 +512,8 @@ void t_matmul(const Layout& lay, const T* values, const T* g, int64_t B, T* gx, 
 }
 
 template <typename T>
-void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads) {
+void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads, const T* x2,
+                 int64_t B1) {
   using V = typename simd::Vec<T>::type;
   constexpr int L = simd::Vec<T>::L;
   const int64_t bm = lay.bm, bk = lay.bk, n = lay.n, k = lay.k;
@@ -527,6 +534,7 @@ void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, in
   const int64_t bkp = round_up(bk, L);
   const int64_t nbr = lay.n_brows();
   const int64_t chunk = std::max<int64_t>(kRows, std::min<int64_t>(B, 256));
+  if (!x2 || B1 < 0 || B1 > B) B1 = B;
   // Block columns that are whole vectors are read from x in place; others are copied, zero-padded.
   const bool direct = bk % L == 0;
 #ifdef JSP_FAST_OPENMP
@@ -546,10 +554,12 @@ void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, in
     const int64_t rb_begin = tid == 0 ? 0 : split(tid), rb_end = tid == nth - 1 ? nbr : split(tid + 1);
     Buf<T> gp(opan * chunk * kRows);
     Buf<T> xq(direct ? 1 : chunk * bkp);
-    for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+    // Chunks end at B1 too, so each reads rows of one source (x, then x2).
+    for (int64_t c0 = 0, nc = 0; c0 < B; c0 += nc) {
+      nc = std::min(chunk, (c0 < B1 ? B1 : B) - c0);
+      const T* xrows = c0 < B1 ? x + c0 * k : x2 + (c0 - B1) * k;
       for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
         if (lay.row_ptr[rb] == lay.row_ptr[rb + 1]) continue;
-        const int64_t nc = std::min(chunk, B - c0);
         for (int64_t p = 0; p < opan; ++p) {
           const int64_t o0 = rb * bm + p * kRows;
           const int64_t no = std::min<int64_t>(kRows, bm - p * kRows);
@@ -562,7 +572,7 @@ void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, in
         for (int64_t j = lay.row_ptr[rb]; j < lay.row_ptr[rb + 1]; ++j) {
           const int64_t cb = lay.col_idx[j];
           T* out = gv + j * bm * bk;
-          const T* xbase = x + c0 * k + cb * bk;
+          const T* xbase = xrows + cb * bk;
           int64_t ldx = k;
           if (!direct) {
             for (int64_t b = 0; b < nc; ++b) {
@@ -707,9 +717,9 @@ void bwd_epilogue(int64_t B, int64_t n, int64_t ntan, const T* gy, const T* gyd,
   template void pack_rows<T>(const T*, int64_t, int64_t, T*);                                          \
   template void fwd<T>(const Layout&, const T*, const T*, int64_t, const T*, const T*, Act, T*, int); \
   template void jvp<T>(const Layout&, const T*, const T*, const T*, int64_t, int64_t, const T*,       \
-                       const T*, Act, T*, T*, int);                                                   \
+                       const T*, Act, T*, T*, int, T*);                                               \
   template void t_matmul<T>(const Layout&, const T*, const T*, int64_t, T*, int);                     \
-  template void weight_grad<T>(const Layout&, const T*, const T*, int64_t, T*, int);                 \
+  template void weight_grad<T>(const Layout&, const T*, const T*, int64_t, T*, int, const T*, int64_t); \
   template void bwd_epilogue<T>(int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,    \
                                 const T*, Act, T*, T*, T*, int);
 

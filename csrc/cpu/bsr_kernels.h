@@ -83,15 +83,20 @@ template <typename T>
 void fwd(const Layout& lay, const T* values, const T* x, int64_t B, const T* scale, const T* bias,
          Act act, T* y, int num_threads);
 
+// ud (may be null): also writes the tangents before the epilogue, ud[t] = x_dot[t] Wᵀ ([ntan, B, n]),
+// which the backward of a tanh/softplus/elu/sigmoid layer needs (saved here instead of recomputed).
 template <typename T>
 void jvp(const Layout& lay, const T* values, const T* x, const T* x_dot, int64_t ntan, int64_t B,
-         const T* scale, const T* bias, Act act, T* y, T* y_dot, int num_threads);
+         const T* scale, const T* bias, Act act, T* y, T* y_dot, int num_threads, T* ud = nullptr);
 
 template <typename T>
 void t_matmul(const Layout& lay, const T* values, const T* g, int64_t B, T* gx, int num_threads);
 
+// g [B, n]; the rows of the input are x's first B1 rows then x2's B - B1 rows (x2 null: B1 = B), so a
+// backward over [x; x_dot] stacked needs no copy of the two.
 template <typename T>
-void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads);
+void weight_grad(const Layout& lay, const T* g, const T* x, int64_t B, T* gv, int num_threads,
+                 const T* x2 = nullptr, int64_t B1 = -1);
 
 // The backward of fwd / jvp between the output gradients and the two products (t_matmul,
 // weight_grad), in one pass over [B, n] (vectorised over n, OpenMP over the batch). With y = act(pre),

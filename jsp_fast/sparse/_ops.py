@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _act
 from . import registry
@@ -155,18 +156,61 @@ def _dddact_dy(act: str, y: Tensor) -> Tensor | None:
     return None
 
 
-def _epilogue(gy, gyd, y, ud, scale, act, need_bias, backend):
-    """``(G, gbias or None)`` of ``bsr_bwd_epilogue``."""
-    G, gb = bsr_bwd_epilogue(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias, backend)
-    return G, (gb if need_bias else None)
+class _OpPrims:
+    """The primitives a backward is written in, as the custom ops: differentiable, so a backward written
+    in them can itself be differentiated (double backward, ``create_graph=True``)."""
+
+    def __init__(self, tables, backend: str):
+        self.tables, self.backend, self.block_row = tables, backend, tables[2]
+
+    def u(self, x, values):
+        """x Wᵀ without epilogue."""
+        return bsr_fwd(x, values, *self.tables, None, None, "none", self.backend)
+
+    def epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
+        G, gb = bsr_bwd_epilogue(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias, self.backend)
+        return G, (gb if need_bias else None)
+
+    def t_matmul(self, g, values):
+        return bsr_t_matmul(g, values, *self.tables, self.backend)
+
+    def weight_grad(self, g, x, values, x2=None):
+        """The kept-block product gᵀ[x; x2]."""
+        return bsr_weight_grad(g, x if x2 is None else torch.cat([x, x2]), values, *self.tables, self.backend)
 
 
-def _scaled(values, scale, tables):
+class _DirectPrims:
+    """The same primitives as the backend's functions called directly: no op dispatch and no autograd
+    (~12 us per call less, measured on the CPU), so only for a first-order backward. A backend may
+    offer ``weight_grad(..., x2=)`` (``weight_grad_x2 = True``: no copy of [x; x2])."""
+
+    def __init__(self, plan: Plan, backend: str):
+        self.plan, self.block_row = plan, plan.block_row
+        self.impl, self.epi = _impl(backend), _epilogue_impl(backend)
+
+    def u(self, x, values):
+        return self.impl.fwd(_c(x), values, self.plan, None, None, "none")
+
+    def epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
+        return self.epi(_c(gy), _c(gyd), y, _c(ud), scale, act, need_bias)
+
+    def t_matmul(self, g, values):
+        return self.impl.t_matmul(_c(g), _c(values), self.plan)
+
+    def weight_grad(self, g, x, values, x2=None):
+        if x2 is None:
+            return self.impl.weight_grad(_c(g), _c(x), self.plan)
+        if getattr(self.impl, "weight_grad_x2", False):
+            return self.impl.weight_grad(_c(g), _c(x), self.plan, x2=_c(x2))
+        return self.impl.weight_grad(_c(g), torch.cat([x, x2]), self.plan)
+
+
+def _scaled(values, scale, block_row):
     """The kept blocks with their rows scaled, ``scale ⊙ W`` (differentiable): ``t_matmul`` of them is
     ``(g ⊙ scale) W``."""
     if scale is None:
         return values
-    return values * scale.reshape(-1, values.shape[1])[tables[2]].unsqueeze(2)
+    return values * scale.reshape(-1, values.shape[1])[block_row].unsqueeze(2)
 
 
 def _epi_setup(ctx, inputs, output):
@@ -222,11 +266,6 @@ def _epi_backward(ctx, aG, agb):
 bsr_bwd_epilogue.register_autograd(_epi_backward, setup_context=_epi_setup)
 
 
-def _u(x, values, tables, backend):
-    """x Wᵀ without epilogue (differentiable)."""
-    return bsr_fwd(x, values, *tables, None, None, "none", backend)
-
-
 def _fwd_setup(ctx, inputs, output):
     x, values, *rest = inputs
     tables, (scale, bias, act, backend) = tuple(rest[:6]), rest[6:]
@@ -235,23 +274,23 @@ def _fwd_setup(ctx, inputs, output):
     ctx.save_for_backward(x, values, scale, output, *tables)
 
 
-def _weight_and_scale_grads(g, xs, values, tables, scale, backend, need_v, need_s):
-    """Gradients of the weight values and of scale from one kept-block product P = gᵀxs.
+def _weight_and_scale_grads(P, g, x, x2, values, scale, need_v, need_s):
+    """Gradients of the weight values and of scale from one kept-block product Q = gᵀ[x; x2].
 
-    ``g`` is the gradient w.r.t. ``scale ⊙ (xs Wᵀ)``. Then grad(values) = scale[rows] ⊙ P and
-    grad(scale)[n] = Σ_b g[b,n] (xs Wᵀ)[b,n] = Σ_kept-k W[n,k] P[n,k]: O(weights) work instead of
-    recomputing the O(batch · weights) product x Wᵀ. Differentiable (double backward).
+    ``g`` is the gradient w.r.t. ``scale ⊙ ([x; x2] Wᵀ)``. Then grad(values) = scale[rows] ⊙ Q and
+    grad(scale)[n] = Σ_b g[b,n] (xs Wᵀ)[b,n] = Σ_kept-k W[n,k] Q[n,k]: O(weights) work instead of
+    recomputing the O(batch · weights) product x Wᵀ. Differentiable (double backward) with ``_OpPrims``.
     """
     if not (need_v or (need_s and scale is not None)):
         return None, None
-    P = bsr_weight_grad(g, xs, values, *tables, backend)
+    Q = P.weight_grad(g, x, values, x2)
     if scale is None:
-        return P, None
-    block_row, bm = tables[2], values.shape[1]
-    gv = P * scale.reshape(-1, bm)[block_row].unsqueeze(2) if need_v else None
+        return Q, None
+    block_row, bm = P.block_row, values.shape[1]
+    gv = Q * scale.reshape(-1, bm)[block_row].unsqueeze(2) if need_v else None
     gs = None
     if need_s:
-        per = (values * P).sum(2)  # [nnzb, bm]
+        per = (values * Q).sum(2)  # [nnzb, bm]
         gs = per.new_zeros(scale.shape[0] // bm, bm).index_add(0, block_row, per).reshape(-1)
     return gv, gs
 
@@ -259,20 +298,51 @@ def _weight_and_scale_grads(g, xs, values, tables, scale, backend, need_v, need_
 def _fwd_backward(ctx, gy):
     x, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
-    act, backend = ctx.act, ctx.backend
+    act = ctx.act
+    P = _OpPrims(tables, ctx.backend)
     need_b = ctx.has_bias and need[9]
     if act == "none":
         gpre = gy
         gbias = gy.sum(0) if need_b else None
     else:
-        gpre, gbias = _epilogue(gy, None, y, None, scale, act, need_b, backend)
-    gx = bsr_t_matmul(gpre, _scaled(values, scale, tables), *tables, backend) if need[0] else None
-    gv, gscale = _weight_and_scale_grads(gpre, x, values, tables, scale, backend, need[1],
-                                         ctx.has_scale and need[8])
+        gpre, gbias = P.epilogue(gy, None, y, None, scale, act, need_b)
+    gx = P.t_matmul(gpre, _scaled(values, scale, P.block_row)) if need[0] else None
+    gv, gscale = _weight_and_scale_grads(P, gpre, x, None, values, scale, need[1], ctx.has_scale and need[8])
     return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
 
 
 bsr_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _jvp_grads(P, x, x_dot, values, scale, y, ud, act, need, gy, gyd):
+    """Gradients ``(x, x_dot, values, scale, bias)`` of ``bsr_jvp`` (``need``: which are wanted).
+
+    y = act(pre), pre = s ⊙ u + b, u = x Wᵀ;  y_dot[t] = d(y) ⊙ s ⊙ ud[t], ud[t] = x_dot[t] Wᵀ. The epilogue
+    stacks the gradients w.r.t. s ⊙ u and every s ⊙ ud[t] into G, so one t_matmul (over the row-scaled
+    blocks) gives both input gradients and one weight_grad the weight's. ``ud``: saved by the forward,
+    or None (recomputed here when the activation needs it).
+    """
+    need_x, need_xd, need_v, need_s, need_b = need
+    T, Bn, K = x_dot.shape
+    if gy is None and gyd is None:
+        return (None,) * 5
+    if gyd is not None and act in _HAS_SECOND and ud is None:  # y_dot depends on y through d(y)
+        ud = P.u(x_dot.reshape(T * Bn, K), values).reshape(T, Bn, y.shape[1])
+    G, gbias = P.epilogue(gy, gyd, y, ud, scale, act, need_b)
+    tang = gyd is not None  # G has the T tangent blocks below the first Bn rows
+    gx = gxd = None
+    if need_x or (need_xd and tang):
+        vs = _scaled(values, scale, P.block_row)
+        if need_x and need_xd and tang:
+            GX = P.t_matmul(G, vs)
+            gx, gxd = GX[:Bn], GX[Bn:].reshape(T, Bn, K)
+        elif need_x:
+            gx = P.t_matmul(G[:Bn], vs)
+        else:
+            gxd = P.t_matmul(G[Bn:], vs).reshape(T, Bn, K)
+    gv, gscale = _weight_and_scale_grads(P, G, x, x_dot.reshape(T * Bn, K) if tang else None, values, scale,
+                                         need_v, need_s)
+    return gx, gxd, gv, gscale, gbias
 
 
 def _jvp_setup(ctx, inputs, output):
@@ -284,40 +354,51 @@ def _jvp_setup(ctx, inputs, output):
 
 
 def _jvp_backward(ctx, gy, gyd):
-    # y = act(pre), pre = s ⊙ u + b, u = x Wᵀ;  y_dot[t] = d(y) ⊙ s ⊙ ud[t], ud[t] = x_dot[t] Wᵀ.
-    # The epilogue op stacks the gradients w.r.t. s ⊙ u and every s ⊙ ud[t] into G, so one t_matmul (over
-    # the row-scaled blocks) gives both input gradients and one weight_grad the weight's.
     x, x_dot, values, scale, y, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
-    act, backend = ctx.act, ctx.backend
-    T, Bn, K = x_dot.shape
-    if gy is None and gyd is None:
-        return (None,) * 13
-    ud = None
-    if gyd is not None and act in _HAS_SECOND:  # y_dot depends on y through d(y): needs x_dot Wᵀ again
-        ud = _u(x_dot.reshape(T * Bn, K), values, tables, backend).reshape(T, Bn, y.shape[1])
-    need_b = ctx.has_bias and need[10]
-    G, gbias = _epilogue(gy, gyd, y, ud, scale, act, need_b, backend)
-    tang = gyd is not None  # G has the T tangent blocks below the first Bn rows
-    gx = gxd = None
-    if need[0] or (need[1] and tang):
-        vs = _scaled(values, scale, tables)
-        if need[0] and need[1] and tang:
-            GX = bsr_t_matmul(G, vs, *tables, backend)
-            gx, gxd = GX[:Bn], GX[Bn:].reshape(T, Bn, K)
-        elif need[0]:
-            gx = bsr_t_matmul(G[:Bn], vs, *tables, backend)
-        else:
-            gxd = bsr_t_matmul(G[Bn:], vs, *tables, backend).reshape(T, Bn, K)
-    gv, gscale = None, None
-    if need[2] or (ctx.has_scale and need[9]):
-        xs = torch.cat([x, x_dot.reshape(T * Bn, K)]) if tang else x
-        gv, gscale = _weight_and_scale_grads(G, xs, values, tables, scale, backend, need[2],
-                                             ctx.has_scale and need[9])
-    return (gx, gxd, gv) + (None,) * 6 + (gscale, gbias, None, None)
+    gx, gxd, gv, gs, gb = _jvp_grads(_OpPrims(tables, ctx.backend), x, x_dot, values, scale, y, None, ctx.act,
+                                     (need[0], need[1], need[2], ctx.has_scale and need[9],
+                                      ctx.has_bias and need[10]), gy, gyd)
+    return (gx, gxd, gv) + (None,) * 6 + (gs, gb, None, None)
 
 
 bsr_jvp.register_autograd(_jvp_backward, setup_context=_jvp_setup)
+
+
+class _JvpTrain(torch.autograd.Function):
+    """``bsr_jvp`` for training in eager mode: the same math and the same backward formulas
+    (``_jvp_grads``), without the op layer. The forward calls the backend directly and, where the
+    backend can (``jvp_ud``), keeps ud = x_dot Wᵀ from the same pass (the backward of tanh/softplus/
+    elu/sigmoid needs it: otherwise one more product); the backward calls the backend directly
+    (``_DirectPrims``), or, when it must itself be differentiable (``create_graph=True``), the ops.
+    Measured on the CPU training step (digits 512x3, 90%): see bench/RESULTS.md, "Training step".
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_dot, values, scale, bias, plan, tables, act, backend):
+        impl = _impl(backend)
+        ud = None
+        if act in _HAS_SECOND and hasattr(impl, "jvp_ud"):
+            y, yd, ud = impl.jvp_ud(x, x_dot, values, plan, scale, bias, act)
+        else:
+            y, yd = impl.jvp(x, x_dot, values, plan, scale, bias, act)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, x_dot, values, scale, y, ud)
+        ctx.plan, ctx.tables, ctx.act, ctx.backend = plan, tables, act, backend
+        ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
+        return y, yd
+
+    @staticmethod
+    def backward(ctx, gy, gyd):
+        x, x_dot, values, scale, y, ud = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: ud is recomputed so its dependence is differentiated
+            P, ud = _OpPrims(ctx.tables, ctx.backend), None
+        else:
+            P = _DirectPrims(ctx.plan, ctx.backend)
+        grads = _jvp_grads(P, x, x_dot, values, scale, y, ud, ctx.act,
+                           (need[0], need[1], need[2], ctx.has_scale and need[3], ctx.has_bias and need[4]), gy, gyd)
+        return grads + (None,) * 4
 
 
 def _tm_setup(ctx, inputs, output):
@@ -329,7 +410,7 @@ def _tm_setup(ctx, inputs, output):
 def _tm_backward(ctx, gout):
     g, values, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
-    gg = _u(gout, values, tables, ctx.backend) if need[0] else None
+    gg = _OpPrims(tables, ctx.backend).u(gout, values) if need[0] else None
     gv = bsr_weight_grad(g, gout, values, *tables, ctx.backend) if need[1] else None
     return (gg, gv) + (None,) * 7
 
@@ -347,12 +428,20 @@ def _wg_backward(ctx, gout):
     g, x, *tables = ctx.saved_tensors
     need = ctx.needs_input_grad
     gout = gout.contiguous()
-    gg = _u(x, gout, tables, ctx.backend) if need[0] else None
+    gg = _OpPrims(tables, ctx.backend).u(x, gout) if need[0] else None
     gx = bsr_t_matmul(g, gout, *tables, ctx.backend) if need[1] else None
     return (gg, gx) + (None,) * 8
 
 
 bsr_weight_grad.register_autograd(_wg_backward, setup_context=_wg_setup)
+
+
+def _eager_training(*tensors) -> bool:
+    """A gradient will be taken, outside torch.compile and fake tensors: ``_JvpTrain`` instead of the op
+    (the op stays what compile, export and opcheck see)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return not torch.compiler.is_compiling() and not is_fake(tensors[0])
 
 
 # ---- public entry points --------------------------------------------------------------------------
@@ -423,11 +512,16 @@ def bsr_linear_jvp(x: Tensor, x_dot: Tensor, w: BlockSparseWeight, scale: Tensor
     else:
         raise ValueError(f"x_dot must have x's shape {tuple(x.shape)} or [T, *{tuple(x.shape)}], "
                          f"got {tuple(x_dot.shape)}")
-    name = registry.resolve(backend, x.device, x.dtype, w.plan())
+    plan = w.plan()
+    name = registry.resolve(backend, x.device, x.dtype, plan)
     k, n = w.shape[1], w.shape[0]
     x2 = x.reshape(-1, k).contiguous()
     xd = x_dot.reshape(T, x2.shape[0], k).contiguous()
-    y, yd = bsr_jvp(x2, xd, w.values.contiguous(), *w.tables(), scale, bias, act, name)
+    values = w.values.contiguous()
+    if _eager_training(x2, xd, values, scale, bias):
+        y, yd = _JvpTrain.apply(x2, xd, values, scale, bias, plan, w.tables(), act, name)
+    else:
+        y, yd = bsr_jvp(x2, xd, values, *w.tables(), scale, bias, act, name)
     y = y.reshape(*lead, n)
     yd = yd.reshape(*lead, n) if single else yd.reshape(T, *lead, n)
     return y, yd

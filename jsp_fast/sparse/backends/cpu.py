@@ -46,17 +46,29 @@ class CpuBackend:
                    y.numpy(), y_dot.numpy(), torch.get_num_threads())
         return y, y_dot
 
+    def jvp_ud(self, x, x_dot, values, plan, scale, bias, act):
+        """``jvp`` that also returns ud = x_dot Wᵀ (the tangents before act' ⊙ scale) from the same pass."""
+        y = torch.empty(x.shape[0], plan.n, dtype=x.dtype)
+        y_dot = torch.empty(x_dot.shape[0], x.shape[0], plan.n, dtype=x.dtype)
+        ud = torch.empty_like(y_dot)
+        _C.bsr_jvp(_np(values), *self._tables(plan), _np(x), _np(x_dot), _np(scale), _np(bias), _act.code(act),
+                   y.numpy(), y_dot.numpy(), torch.get_num_threads(), ud.numpy())
+        return y, y_dot, ud
+
     def t_matmul(self, g, values, plan):
         gx = torch.empty(g.shape[0], plan.k, dtype=g.dtype)
         _C.bsr_t_matmul(_np(values), *self._tables(plan), _np(g), gx.numpy(), torch.get_num_threads())
         return gx
 
-    def weight_grad(self, g, x, plan):
+    weight_grad_x2 = True  # weight_grad reads [x; x2] in place (see _ops._DirectPrims)
+
+    def weight_grad(self, g, x, plan, x2=None):
         nnzb = plan.col_idx.shape[0]
         gv = torch.empty(nnzb, plan.bm, plan.bk, dtype=g.dtype)
         if nnzb:
             # values only tell the kernel the dtype and the block shape: gv has both.
-            _C.bsr_weight_grad(gv.numpy(), *self._tables(plan), _np(g), _np(x), gv.numpy(), torch.get_num_threads())
+            _C.bsr_weight_grad(gv.numpy(), *self._tables(plan), _np(g), _np(x), gv.numpy(), torch.get_num_threads(),
+                               _np(x2))
         return gv
 
     def bwd_epilogue(self, gy, gyd, y, ud, scale, act, need_bias):
