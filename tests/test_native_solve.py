@@ -398,3 +398,17 @@ def test_cnf_native_failure_is_a_solver_error():
     with torch.no_grad(), pytest.raises(jf.SolverError, match="dopri5"):
         fast.log_prob(torch.randn(4, DIM, dtype=torch.float64))
     assert isinstance(jf.SolverError("x"), RuntimeError)
+
+
+@pytest.mark.parametrize("bad", ["z0", "noise"])
+def test_native_solve_of_a_non_finite_input_names_it(bad):
+    """SparseODEnet.native_solve skips odeint_native's up-front finiteness passes (CNF checked its input
+    and drew the noise); a NaN that reaches the solver anyway is reported as a non-finite state, not as
+    the step-size underflow it also causes."""
+    net = jf.sparsify(jf.CNF(dim=DIM, hidden=HIDDEN, trace="hutchinson")).net
+    gen = torch.Generator().manual_seed(5)
+    z, eps = torch.randn(6, DIM, generator=gen), torch.randn(6, DIM, generator=gen)
+    (z if bad == "z0" else eps)[2, 1] = float("nan")
+    with torch.no_grad(), pytest.raises(jf.SolverError, match="non-finite"):
+        net.native_solve(z, torch.zeros(6), 0.0, 1.0, trace="hutchinson", noise=eps, solver="dopri5", rtol=1e-5,
+                         atol=1e-5, options={})

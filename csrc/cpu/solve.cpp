@@ -349,8 +349,10 @@ class Integrator {
       if (!std::isfinite(dt)) dt = opt_.min_step;
       dt = clamp(dt, opt_.min_step, opt_.max_step);
       const double s1 = s + dt;
-      if (!(s + dt > s)) fail("step size underflow (dt = " + fmt(dt) + ")", s, kStiff);
+      // A non-finite state first: it also makes the step size NaN (-> min_step), and "underflow" would
+      // send the user after stiffness instead of the NaN (e.g. a NaN row in the input).
       if (!all_finite(y)) fail("the state became non-finite (NaN or inf)", s, kBlowUp);
+      if (!(s + dt > s)) fail("step size underflow (dt = " + fmt(dt) + ")", s, kStiff);
       ++st_.steps;
 
       // _runge_kutta_step: times and coefficients in T.

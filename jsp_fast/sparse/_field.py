@@ -238,7 +238,8 @@ class SparseODEnet(nn.Module):
 
     @property
     def hidden(self) -> tuple[int, ...]:
-        return tuple(layer.out_features for layer in self.layers[:-1])
+        layers = self.layers  # indexed, not sliced: a ModuleList slice builds a new module (per solve)
+        return tuple(layers[i].out_features for i in range(len(layers) - 1))
 
     @property
     def field_shape(self) -> FieldShape:
@@ -287,7 +288,8 @@ class SparseODEnet(nn.Module):
         native solver (today the C++ field) that takes ``solver`` and ``options``, and ``native`` is on;
         ``native_chunk`` (rows) makes it step each batch chunk independently.
         ``trace``: "exact", "hutchinson" (with the fixed ``noise``) or None (z only). Returns
-        ``(z1, logp1 or None, nfe)``; a failed solve raises ``SolverError``."""
+        ``(z1, logp1 or None, nfe)``; a failed solve (a non-finite ``z0`` or ``noise`` included: the
+        caller is expected to have checked them, as CNF does) raises ``SolverError``."""
         if not self.native:
             return None
         if self.native_chunk is not None:

@@ -60,7 +60,7 @@ def _positive(name, x, allow_zero=False, integer=False):
     return x
 
 
-def _tensor(name, x, shape, dtype):
+def _tensor(name, x, shape, dtype, check_finite=True):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(x).__name__}")
     if x.device.type != "cpu":
@@ -69,7 +69,7 @@ def _tensor(name, x, shape, dtype):
         raise TypeError(f"{name} is {x.dtype} but z0 is {dtype}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or inf")
     return x.detach().contiguous()
 
@@ -113,7 +113,7 @@ def _options(solver, options):
 def odeint_native(plan, z0: torch.Tensor, logp0: torch.Tensor | None, t0, t1, *,
                   trace: str = "exact", noise: torch.Tensor | None = None, solver: str = "dopri5",
                   rtol: float = 1e-5, atol: float = 1e-5, options: dict | None = None,
-                  threads: int | None = None):
+                  threads: int | None = None, check_finite: bool = True):
     """Integrate ``(z, logp)`` from ``t0`` to ``t1`` (either direction) in one native call.
 
     Args:
@@ -134,6 +134,9 @@ def odeint_native(plan, z0: torch.Tensor, logp0: torch.Tensor | None, t0, t1, *,
             ``step_size``. Either: ``chunk`` (rows): solve each chunk of the batch on its own,
             with its own step sizes; chunks run in parallel when there are at least ``threads``.
         threads: CPU threads (default ``torch.get_num_threads()``).
+        check_finite: refuse a non-finite ``z0``/``logp0``/``noise`` up front (a ValueError). ``CNF`` passes
+            False: it checked its input and drew the noise itself, and the solver stops on a non-finite
+            state anyway (``SolveError``); the two passes cost ~0.3 ms per solve (2% of a digits solve).
 
     Returns:
         ``(z1, logp1, nfe)``: ``z1`` ``[B, D]``, ``logp1`` ``[B]`` (``logp0 + ∫ -tr dt``; None with
@@ -171,14 +174,14 @@ def odeint_native(plan, z0: torch.Tensor, logp0: torch.Tensor | None, t0, t1, *,
         raise ValueError("odeint_native has no gradient: call it under torch.no_grad() or pass "
                          "detached tensors")
     dtype, B = z0.dtype, z0.shape[0]
-    z0 = _tensor("z0", z0, (B, D), dtype)
+    z0 = _tensor("z0", z0, (B, D), dtype, check_finite)
     if trace == "none":
         if logp0 is not None:
             raise ValueError("logp0 must be None with trace='none' (no log-density is integrated)")
     else:
-        logp0 = z0.new_zeros(B) if logp0 is None else _tensor("logp0", logp0, (B,), dtype)
+        logp0 = z0.new_zeros(B) if logp0 is None else _tensor("logp0", logp0, (B,), dtype, check_finite)
     if trace == "hutchinson":
-        noise = torch.randn_like(z0) if noise is None else _tensor("noise", noise, (B, D), dtype)
+        noise = torch.randn_like(z0) if noise is None else _tensor("noise", noise, (B, D), dtype, check_finite)
     elif noise is not None:
         raise ValueError(f"noise is only used with trace='hutchinson', got trace={trace!r}")
     t0, t1 = _time("t0", t0, dtype), _time("t1", t1, dtype)

@@ -135,8 +135,9 @@ class CpuField:
         from . import _cpu_solve  # noqa: PLC0415
 
         try:
+            # The caller (CNF) checked z0 and drew the noise; a non-finite state stops the solver itself.
             return _cpu_solve.odeint_native(plan, z0, logp0, t0, t1, trace=trace, noise=noise, solver=solver,
-                                            rtol=rtol, atol=atol, options=options)
+                                            rtol=rtol, atol=atol, options=options, check_finite=False)
         except _C.SolveError as exc:  # one public type for a failed solve, native or torchdiffeq
             raise SolverError(str(exc)) from exc
 
