@@ -276,6 +276,32 @@ int64_t FieldPlan<T>::tile_rows(int64_t B, int64_t ntan, int num_threads) const 
 template <typename T>
 void FieldPlan<T>::eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T* f, T* jv,
                         int num_threads) const {
+  struct Ctx {
+    const T* z;
+    T* f;
+    T* jv;
+    int64_t B, din, dout, ntan;
+  } c{z, f, jv, B, dim_in(), dim_out(), ntan};
+  Hooks h;
+  h.ctx = &c;
+  h.in = [](void* p, int64_t b0, int64_t nb, T* dst) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    std::memcpy(dst, c.z + b0 * c.din, size_t(nb * c.din) * sizeof(T));
+  };
+  h.out = [](void* p, int64_t b0, int64_t nb, const T* res, int64_t ld, int64_t TB) {
+    const Ctx& c = *static_cast<const Ctx*>(p);
+    for (int64_t g = 0; g <= c.ntan; ++g) {
+      T* dst = g == 0 ? c.f + b0 * c.dout : c.jv + (g - 1) * c.B * c.dout + b0 * c.dout;
+      const T* src = res + g * TB * ld;
+      for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * c.dout, src + r * ld, size_t(c.dout) * sizeof(T));
+    }
+  };
+  eval_hooked(t, B, v, ntan, h, num_threads);
+}
+
+template <typename T>
+void FieldPlan<T>::eval_hooked(T t, int64_t B, const T* v, int64_t ntan, const Hooks& hooks,
+                               int num_threads) const {
   if (layers_.empty()) throw std::runtime_error("empty field plan");
   if (B <= 0) return;
 #ifdef JSP_FAST_OPENMP
@@ -296,7 +322,7 @@ void FieldPlan<T>::eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T*
       shift[l].data()[i] = lay.bias.data()[i] * g + lay.shift_w.data()[i] * t;
     }
   }
-  const int64_t d_in = layers_.front().k, d_out = layers_.back().n;
+  const int64_t d_in = layers_.front().k;
   const int64_t G = 1 + ntan;
   const int64_t TB = tile_rows(B, ntan, num_threads);
   const int64_t rows = G * TB;
@@ -321,9 +347,11 @@ void FieldPlan<T>::eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T*
       // Stack the value rows and each tangent's rows; zero the rows past the batch.
       T* in = a.data();
       for (int64_t g = 0; g < G; ++g) {
-        const T* src = g == 0 ? z + b0 * d_in : v + (g - 1) * B * d_in + b0 * d_in;
         T* dst = in + g * TB * d_in;
-        std::memcpy(dst, src, size_t(nb * d_in) * sizeof(T));
+        if (g == 0)
+          hooks.in(hooks.ctx, b0, nb, dst);
+        else
+          std::memcpy(dst, v + (g - 1) * B * d_in + b0 * d_in, size_t(nb * d_in) * sizeof(T));
         if (nb < TB) std::memset(dst + nb * d_in, 0, size_t((TB - nb) * d_in) * sizeof(T));
       }
       int64_t ld_in = d_in;
@@ -334,12 +362,7 @@ void FieldPlan<T>::eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T*
         ld_in = layers_[l].n_pad;
         std::swap(cur, nxt);
       }
-      for (int64_t g = 0; g < G; ++g) {
-        T* dst = g == 0 ? f + b0 * d_out : jv + (g - 1) * B * d_out + b0 * d_out;
-        const T* src = cur + g * TB * ld_in;
-        for (int64_t r = 0; r < nb; ++r)
-          std::memcpy(dst + r * d_out, src + r * ld_in, size_t(d_out) * sizeof(T));
-      }
+      hooks.out(hooks.ctx, b0, nb, cur, ld_in, TB);
     }
   }
 }

@@ -88,6 +88,19 @@ class FieldPlan {
   // Rows are contiguous; batch stride of each tangent is B * dim. Thread-safe (no mutable state).
   void eval(T t, const T* z, int64_t B, const T* v, int64_t ntan, T* f, T* jv, int num_threads) const;
 
+  // eval with the value rows read and the results written by callbacks, once per tile of rows (each
+  // tile on one thread; tiles are disjoint). The native solve (solve.cpp) uses them to form a Runge-
+  // Kutta stage's input straight into the tile and to reduce the trace from the tile's tangents, so
+  // neither the stage input nor J·v makes a round trip through memory. in(ctx, b0, nb, dst) writes
+  // value rows b0 .. b0+nb-1 ([nb, dim_in] row-major) to dst; out(ctx, b0, nb, res, ld, TB) reads the
+  // tile's result: value row r at res + r*ld, row r of tangent g (1-based) at res + (g*TB + r)*ld.
+  struct Hooks {
+    void (*in)(void* ctx, int64_t b0, int64_t nb, T* dst) = nullptr;
+    void (*out)(void* ctx, int64_t b0, int64_t nb, const T* res, int64_t ld, int64_t TB) = nullptr;
+    void* ctx = nullptr;
+  };
+  void eval_hooked(T t, int64_t B, const T* v, int64_t ntan, const Hooks& hooks, int num_threads) const;
+
   int64_t dim_in() const { return layers_.empty() ? 0 : layers_.front().k; }
   int64_t dim_out() const { return layers_.empty() ? 0 : layers_.back().n; }
   int64_t num_layers() const { return int64_t(layers_.size()); }

@@ -100,9 +100,11 @@ constexpr double kMid[7] = {6025192743. / 30085553152. / 2, 0, 51252292925. / 65
                             -1776094331. / 19743644256. / 2, 11237099. / 235043384. / 2};
 constexpr int kOrder = 5;
 
-// dst = y + Σ_j k_j c_j (torchdiffeq: y0 + sum(k[..., :n] * c, dim=-1)), over [lo, hi).
+// dst[e - off] = y[e] + Σ_j k_j[e] c_j (torchdiffeq: y0 + sum(k[..., :n] * c, dim=-1)), e in [lo, hi).
+// One definition for both uses (a whole-state pass, off = 0, and a field tile's input rows), so the
+// two round identically.
 template <typename T, int NK>
-void combo(T* __restrict dst, const T* y, T* const* K, const T* c, int64_t lo, int64_t hi) {
+void combo(T* __restrict dst, const T* y, T* const* K, const T* c, int64_t lo, int64_t hi, int64_t off) {
   const T* k[NK];
   T cc[NK];
   for (int j = 0; j < NK; ++j) k[j] = K[j], cc[j] = c[j];
@@ -110,20 +112,20 @@ void combo(T* __restrict dst, const T* y, T* const* K, const T* c, int64_t lo, i
     T acc = k[0][e] * cc[0];
 #pragma GCC unroll 8
     for (int j = 1; j < NK; ++j) acc += k[j][e] * cc[j];
-    dst[e] = y[e] + acc;
+    dst[e - off] = y[e] + acc;
   }
 }
 
 template <typename T>
-void combo_n(int nk, T* dst, const T* y, T* const* K, const T* c, int64_t lo, int64_t hi) {
+void combo_n(int nk, T* dst, const T* y, T* const* K, const T* c, int64_t lo, int64_t hi, int64_t off = 0) {
   switch (nk) {
-    case 1: return combo<T, 1>(dst, y, K, c, lo, hi);
-    case 2: return combo<T, 2>(dst, y, K, c, lo, hi);
-    case 3: return combo<T, 3>(dst, y, K, c, lo, hi);
-    case 4: return combo<T, 4>(dst, y, K, c, lo, hi);
-    case 5: return combo<T, 5>(dst, y, K, c, lo, hi);
-    case 6: return combo<T, 6>(dst, y, K, c, lo, hi);
-    default: return combo<T, 7>(dst, y, K, c, lo, hi);
+    case 1: return combo<T, 1>(dst, y, K, c, lo, hi, off);
+    case 2: return combo<T, 2>(dst, y, K, c, lo, hi, off);
+    case 3: return combo<T, 3>(dst, y, K, c, lo, hi, off);
+    case 4: return combo<T, 4>(dst, y, K, c, lo, hi, off);
+    case 5: return combo<T, 5>(dst, y, K, c, lo, hi, off);
+    case 6: return combo<T, 6>(dst, y, K, c, lo, hi, off);
+    default: return combo<T, 7>(dst, y, K, c, lo, hi, off);
   }
 }
 
@@ -150,9 +152,6 @@ class Integrator {
       std::memset(v_.data(), 0, size_t(D_ * nz_) * sizeof(T));
       for (int64_t i = 0; i < D_; ++i)
         for (int64_t b = 0; b < B_; ++b) v_.data()[(i * B_ + b) * D_ + i] = T(1);
-      jv_.resize(D_ * nz_);
-    } else if (opt_.trace == Trace::Hutchinson) {
-      jv_.resize(nz_);
     }
   }
 
@@ -175,50 +174,87 @@ class Integrator {
   double t0_, t1_;
   bool rev_;
   int threads_;
-  AlignedBuf<T> v_, jv_, res_;
+  AlignedBuf<T> v_, res_;
   std::vector<double> part_;
   Stats st_;
 
   // Solver time s is t, or -t backwards (torchdiffeq's _ReverseFunc): always increasing.
   double user_time(double s) const { return rev_ ? -s : s; }
 
-  // out = d[z, logp]/ds at solver time s (already rounded to T, as torchdiffeq's _PerturbFunc does).
-  void rhs(T s, const T* y, T* out) {
+  // out = d[z, logp]/ds at solver time s (already rounded to T, as torchdiffeq's _PerturbFunc does)
+  // at the state y + Σ_{j<nk} c_j K_j (nk = 0: at y), in one field call: the stage input is formed in
+  // each field tile (stage_in) and the trace reduced from the tile's tangents (stage_out), so neither
+  // the stage input nor J·v makes a pass over memory (or an OpenMP region) of its own
+  // (FieldPlan::Hooks); numbers in bench/RESULTS.md ("Native solve").
+  struct Stage {
+    const Integrator* self;
+    const T* y;
+    T* const* K;
+    const T* c;
+    int nk;
+    T* out;
+  };
+
+  static void stage_in(void* p, int64_t b0, int64_t nb, T* dst) {
+    const Stage& st = *static_cast<const Stage*>(p);
+    const int64_t D = st.self->D_;
+    if (st.nk == 0)
+      std::memcpy(dst, st.y + b0 * D, size_t(nb * D) * sizeof(T));
+    else
+      combo_n<T>(st.nk, dst, st.y, st.K, st.c, b0 * D, (b0 + nb) * D, b0 * D);
+  }
+
+  static void stage_out(void* p, int64_t b0, int64_t nb, const T* res, int64_t ld, int64_t TB) {
+    const Stage& st = *static_cast<const Stage*>(p);
+    const Integrator& I = *st.self;
+    const int64_t D = I.D_;
+    for (int64_t r = 0; r < nb; ++r) {
+      const T* src = res + r * ld;
+      T* dst = st.out + (b0 + r) * D;
+      if (I.rev_)
+        for (int64_t i = 0; i < D; ++i) dst[i] = -src[i];
+      else
+        std::memcpy(dst, src, size_t(D) * sizeof(T));
+    }
+    if (I.opt_.trace == Trace::None) return;
+    T* lp = st.out + I.nz_;
+    const T sgn = I.rev_ ? T(1) : T(-1);  // dlogp/dt = -tr; -(-tr) backwards
+    if (I.opt_.trace == Trace::Exact) {
+      // (J e_i)_i: column i of tangent i's row.
+      for (int64_t r = 0; r < nb; ++r) {
+        T acc = T(0);
+        for (int64_t i = 0; i < D; ++i) acc += res[((i + 1) * TB + r) * ld + i];
+        lp[b0 + r] = acc * sgn;
+      }
+    } else {
+      for (int64_t r = 0; r < nb; ++r) {
+        const T* jv = res + (TB + r) * ld;
+        const T* eps = I.noise_ + (b0 + r) * D;
+        T tr = 0;
+        for (int64_t i = 0; i < D; ++i) tr += jv[i] * eps[i];
+        lp[b0 + r] = sgn * tr;
+      }
+    }
+  }
+
+  void rhs(T s, const T* y, T* out, int nk = 0, T* const* K = nullptr, const T* c = nullptr) {
     const T t = rev_ ? -s : s;
     ++st_.nfe;
-    if (opt_.trace == Trace::None) {
-      plan_.eval(t, y, B_, nullptr, 0, out, nullptr, threads_);
-    } else {
-      const bool exact = opt_.trace == Trace::Exact;
-      plan_.eval(t, y, B_, exact ? v_.data() : noise_, exact ? D_ : 1, out, jv_.data(), threads_);
-      const T* jv = jv_.data();
-      const T* eps = noise_;
-      const int64_t B = B_, D = D_;
-      T* lp = out + nz_;
-      const T sgn = rev_ ? T(1) : T(-1);  // dlogp/dt = -tr; -(-tr) backwards
-      ranges(B, threads_, [&](int64_t lo, int64_t hi, int) {
-        if (exact) {
-          // (J e_i)_i of every row sits in its own D-wide row of tangent i: walk each tangent's
-          // diagonal as one strided stream (prefetch-friendly), not the D tangents per row.
-          for (int64_t b = lo; b < hi; ++b) lp[b] = T(0);
-          for (int64_t i = 0; i < D; ++i) {
-            const T* d = jv + (i * B) * D + i;
-            for (int64_t b = lo; b < hi; ++b) lp[b] += d[b * D];
-          }
-          for (int64_t b = lo; b < hi; ++b) lp[b] *= sgn;
-        } else {
-          for (int64_t b = lo; b < hi; ++b) {
-            T tr = 0;
-            for (int64_t i = 0; i < D; ++i) tr += jv[b * D + i] * eps[b * D + i];
-            lp[b] = sgn * tr;
-          }
-        }
-      }, B * D);
+    Stage st{this, y, K, c, nk, out};
+    typename FieldPlan<T>::Hooks hooks;
+    hooks.ctx = &st;
+    hooks.in = &Integrator::stage_in;
+    hooks.out = &Integrator::stage_out;
+    const T* v = nullptr;
+    int64_t ntan = 0;
+    if (opt_.trace == Trace::Exact) {
+      v = v_.data();
+      ntan = D_;
+    } else if (opt_.trace == Trace::Hutchinson) {
+      v = noise_;
+      ntan = 1;
     }
-    if (rev_)
-      ranges(nz_, threads_, [&](int64_t lo, int64_t hi, int) {
-        for (int64_t e = lo; e < hi; ++e) out[e] = -out[e];
-      });
+    plan_.eval_hooked(t, B_, v, ntan, hooks, threads_);
   }
 
   void lincomb(int nk, T* dst, const T* y, T* const* K, const T* c) {
@@ -244,11 +280,16 @@ class Integrator {
       part_[2 * p] = s0;
       part_[2 * p + 1] = s1;
     });
+    return rms_of_parts(n - nz);
+  }
+
+  // The mixed RMS from the per-range sums of squares in part_ (z part, then the n_logp logp elements).
+  T rms_of_parts(int64_t n_logp) const {
     double s0 = 0, s1 = 0;
     for (int p = 0; p < threads_; ++p) s0 += part_[2 * p], s1 += part_[2 * p + 1];
-    T norm = std::sqrt(T(s0 / double(nz)));
-    if (n > nz) {
-      const T r1 = std::sqrt(T(s1 / double(n - nz)));
+    T norm = std::sqrt(T(s0 / double(nz_)));
+    if (n_logp > 0) {
+      const T r1 = std::sqrt(T(s1 / double(n_logp)));
       if (r1 > norm) norm = r1;  // Python's max(): a NaN second part is ignored, a NaN first kept
     }
     return norm;
@@ -324,6 +365,56 @@ class Integrator {
     return std::min(std::max(x, lo), hi);
   }
 
+  // The pass after stage 6's inputs: y1 = y + Σ_{j<6} c_j K_j (the 5th-order solution) and the first
+  // six terms of the error estimate, head = Σ_{j<6} (kErr_j dt) K_j, in one read of K[0..5] (the error
+  // pass then reads head and K[6] instead of all seven stages). Same sums in the same order as
+  // torchdiffeq's y0 + sum(k * c) and its error's sum over the seven stages.
+  void solution_and_error_head(T* y1, T* head, const T* y, T* const* K, const T* c, T dt) {
+    T ce[6];
+    for (int j = 0; j < 6; ++j) ce[j] = T(kErr[j]) * dt;
+    const T* k[6] = {K[0], K[1], K[2], K[3], K[4], K[5]};
+    ranges(n_, threads_, [&](int64_t lo, int64_t hi, int) {
+      for (int64_t e = lo; e < hi; ++e) {
+        T acc = k[0][e] * c[0];
+        T err = k[0][e] * ce[0];
+#pragma GCC unroll 6
+        for (int j = 1; j < 6; ++j) {
+          acc += k[j][e] * c[j];
+          err += k[j][e] * ce[j];
+        }
+        y1[e] = y[e] + acc;
+        head[e] = err;
+      }
+    });
+  }
+
+  // torchdiffeq's error ratio: mixed_rms((head + c6 K6) / (atol + rtol max(|y|, |y1|))), and whether y1
+  // is finite, in one pass.
+  T error_ratio(const T* head, const T* k6, T c6, const T* y, const T* y1, T atol, T rtol, bool& y1_finite) {
+    std::fill(part_.begin(), part_.end(), 0.0);
+    std::vector<char> bad(size_t(threads_), 0);
+    const int64_t nz = nz_, n = n_;
+    ranges(n, threads_, [&](int64_t lo, int64_t hi, int p) {
+      int64_t nonfinite = 0;
+      auto sum = [&](int64_t a, int64_t b) {
+        double acc = 0;
+        for (int64_t e = a; e < b; ++e) {
+          const T err = head[e] + k6[e] * c6;
+          const T tol = atol + rtol * std::max(std::abs(y[e]), std::abs(y1[e]));
+          const T v = err / tol;
+          acc += double(T(v * v));
+          nonfinite += !std::isfinite(y1[e]);
+        }
+        return acc;
+      };
+      part_[2 * p] = sum(lo, std::min(hi, nz));
+      part_[2 * p + 1] = sum(std::max(lo, nz), hi);
+      bad[size_t(p)] = nonfinite != 0;
+    });
+    y1_finite = std::none_of(bad.begin(), bad.end(), [](char b) { return b != 0; });
+    return rms_of_parts(n - nz);
+  }
+
   const T* dopri5(AlignedBuf<T>& ybuf) {
     std::vector<AlignedBuf<T>> kb(7);
     for (auto& b : kb) b.resize(n_);
@@ -342,6 +433,9 @@ class Integrator {
     double dt = std::isnan(opt_.first_step) ? initial_step(s, y, K[0], tmp, K[1]) : opt_.first_step;
 
     const T atol = T(opt_.atol), rtol = T(opt_.rtol);
+    // Whether y is finite: checked here for y0, then for each y1 in the error pass (the next y when
+    // accepted), so a step pays no pass of its own for it.
+    bool y_finite = all_finite(y);
     for (;;) {
       if (st_.steps >= opt_.max_num_steps)
         fail("max_num_steps (" + std::to_string(opt_.max_num_steps) + ") exceeded", s,
@@ -351,7 +445,7 @@ class Integrator {
       const double s1 = s + dt;
       // A non-finite state first: it also makes the step size NaN (-> min_step), and "underflow" would
       // send the user after stiffness instead of the NaN (e.g. a NaN row in the input).
-      if (!all_finite(y)) fail("the state became non-finite (NaN or inf)", s, kBlowUp);
+      if (!y_finite) fail("the state became non-finite (NaN or inf)", s, kBlowUp);
       if (!(s + dt > s)) fail("step size underflow (dt = " + fmt(dt) + ")", s, kStiff);
       ++st_.steps;
 
@@ -363,18 +457,15 @@ class Integrator {
                          ? std::nextafter(t1T, -std::numeric_limits<T>::infinity())  // Perturb.PREV
                          : t0T + T(kAlpha[i]) * dtT;
         for (int j = 0; j <= i; ++j) c[j] = T(kBeta[i][j]) * dtT;
-        T* dst = i == 5 ? y1 : tmp;  // FSAL: the last stage's input is the 5th-order solution
-        lincomb(i + 1, dst, y, K, c);
-        rhs(ti, dst, K[i + 1]);
+        if (i == 5) {  // FSAL: the last stage's input is the 5th-order solution, kept whole
+          solution_and_error_head(y1, tmp, y, K, c, dtT);
+          rhs(ti, y1, K[6]);
+        } else {  // formed inside the field call (its logp part is never read)
+          rhs(ti, y, K[i + 1], i + 1, K, c);
+        }
       }
-      for (int j = 0; j < 7; ++j) c[j] = T(kErr[j]) * dtT;
-      const T* Kc[7] = {K[0], K[1], K[2], K[3], K[4], K[5], K[6]};
-      const T ratio = std::abs(mixed_rms([&](int64_t e) {
-        T err = Kc[0][e] * c[0];
-        for (int j = 1; j < 7; ++j) err += Kc[j][e] * c[j];
-        const T tol = atol + rtol * std::max(std::abs(y[e]), std::abs(y1[e]));
-        return err / tol;
-      }));
+      bool y1_finite = true;
+      const T ratio = std::abs(error_ratio(tmp, K[6], T(kErr[6]) * dtT, y, y1, atol, rtol, y1_finite));
       if (std::isnan(ratio) && !(opt_.min_step > 0))
         // torchdiffeq would reject, get a NaN step size, fall back to min_step = 0 and fail on
         // "underflow in dt": the same end, said plainly.
@@ -393,6 +484,7 @@ class Integrator {
         std::swap(y, y1);
         std::swap(K[0], K[6]);  // FSAL: f(y1) starts the next step
         s = s1;
+        y_finite = y1_finite;
       }
       dt = dt_next;
     }
@@ -468,8 +560,7 @@ class Integrator {
           const T half = T(0.5) * dt;
           rhs(ta, y, K[0]);
           c[0] = half;
-          lincomb(1, tmp, y, K, c);
-          rhs(ta + half, tmp, K[1]);
+          rhs(ta + half, y, K[1], 1, K, c);  // the midpoint state, formed inside the field call
           c[0] = dt;
           lincomb(1, y1, y, K + 1, c);
           break;
