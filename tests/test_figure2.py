@@ -61,6 +61,10 @@ def test_report_has_tables_statistics_and_figures(tiny):
     assert "plain `log_prob`" in report and "8 Rademacher vectors" in report
     for f in ("figure2.png", "R_training.png", "nll_training.png", "nfe_training.png"):
         assert (tiny / f).stat().st_size > 10_000 and f"![{f}]({f})" in report
+    for cell in CELLS[1:]:  # the poster's panels for every other cell too (figure2.png is the first)
+        f = f"figure2-{cell}.png"
+        assert (tiny / f).stat().st_size > 10_000 and f"![{f}]({f})" in report
+    assert not (tiny / f"figure2-{CELLS[0]}.png").exists()
 
 
 def test_figures_have_axes_units_and_legends(tiny):

@@ -160,10 +160,13 @@ def curves_fig(by_cell: dict[str, dict[str, list[dict]]], dense: list[dict], spe
 
 def write_pngs(out: Path, by_cell: dict, dense: list[dict], headline: str, val: dict | None,
                bpd: bool) -> list[str]:
-    """figure2.png and the per-cell curve figures in ``out``; their file names."""
+    """figure2.png (the ``headline`` cell), ``figure2-<cell>.png`` for every other cell (the JSP samples
+    of a cell whose JSP runs collapsed say little; another cell's may), and the curve figures in ``out``;
+    their file names."""
     plt = _plt()
     files = []
     figs = [("figure2.png", figure2_fig(by_cell.get(headline, {}), headline, val))]
+    figs += [(f"figure2-{cell}.png", figure2_fig(rows, cell, val)) for cell, rows in by_cell.items() if cell != headline]
     for spec in CURVES:
         spec = spec if bpd or spec[1] != "val_bpd" else NLL_NATS
         figs.append((spec[0], curves_fig(by_cell, dense, spec)))
