@@ -120,3 +120,21 @@ def test_plan_defaults_and_bad_options(tmp_path, capsys):
             code = exc.value.code
         err = capsys.readouterr().err
         assert code == 2 and needle in err, err
+
+
+def test_block_cells_train_on_the_sparse_kernels(tiny, tmp_path):
+    """Block cells train, measure and sample the block-sparse model (jf.train(sparse=True)); --no-sparse
+    trains the masked dense model instead, with the same result up to float rounding."""
+    for cell in CELLS:
+        rec = json.loads((tiny / "runs" / cell / "jsp_0.9_s0.json").read_text())
+        assert rec["sparse_training"] == cell.startswith("block")
+    out = tmp_path / "dense-trained"
+    argv = _argv(out, "--no-sparse", "--seeds", "0", "--variants", "none", "--no-dense", "--layers", "hidden",
+                 "--granularity", "block")
+    assert cli.main(argv) == 0
+    for row in ("random", "jsp"):
+        a = json.loads((out / "runs" / "block-hidden" / f"{row}_0.9_s0.json").read_text())
+        b = json.loads((tiny / "runs" / "block-hidden" / f"{row}_0.9_s0.json").read_text())
+        assert a["sparse_training"] is False
+        assert a["history"]["train_nll"] == pytest.approx(b["history"]["train_nll"], rel=1e-4)
+        assert a["test_nll"] == pytest.approx(b["test_nll"], rel=1e-4) and a["test_nfe_forward"] == b["test_nfe_forward"]

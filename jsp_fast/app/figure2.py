@@ -103,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra JSP rows per cell: abs (|score|), rounds (progressive), none (default abs,rounds)")
     p.add_argument("--rounds", type=pos_int, default=10, help="rounds of the progressive JSP row (default 10)")
     p.add_argument("--no-dense", action="store_true", help="skip the dense reference runs")
+    p.add_argument("--no-sparse", action="store_true",
+                   help="train block cells as masked dense models (default: on the block-sparse kernels, as "
+                        "jf.train(sparse=True); the same trajectory up to float rounding, several times faster)")
     p.add_argument("--hidden", type=pos_ints, default=None,
                    help="hidden widths (default: 224,224 for 196-d, 1024,1024 for 784-d, 64,64,64 for dim <= 8, "
                         "else 256,256)")
@@ -248,6 +251,16 @@ def _dead_inputs(first_layer_inputs) -> int | None:
     return None if first_layer_inputs is None else int((first_layer_inputs == 0).sum())
 
 
+def _block_sparse(model: CNF, block) -> tuple[CNF, bool]:
+    """``(jf.sparsify(model, block=block), True)`` when a layer of the model block-pruned with ``block``
+    runs block-sparse, else ``(model, False)``. Layers that cannot (a 2-d input layer) stay dense inside
+    the sparse model."""
+    from ..sparse import sparsify  # noqa: PLC0415  (the compute layer: not imported by `--help`)
+
+    out = sparsify(model, block=block)
+    return (out, True) if out.net.sparse_layers else (model, False)
+
+
 def run_one(args, spec: Spec, ds, device: torch.device, on_step=None) -> dict:
     """Build, prune (unless dense), train and evaluate one model; returns its record."""
     dim = int(ds.dim)
@@ -276,6 +289,10 @@ def run_one(args, spec: Spec, ds, device: torch.device, on_step=None) -> dict:
                            "fallback": res.fallback, "excluded": list(res.excluded),
                            "dead_inputs": _dead_inputs(res.first_layer_inputs),
                            "info": {k: v for k, v in res.info.items() if isinstance(v, (int, float))}}
+    sparse = spec.granularity == "block" and not args.no_sparse
+    if sparse:  # trained, measured and sampled as the sparse model itself (train's sparse copy is it)
+        model, sparse = _block_sparse(model, block)
+    record["sparse_training"] = sparse
     t1 = time.perf_counter()
     r_x = val_x[: args.R_batch]
     R_step, R_val = [], []
@@ -295,7 +312,7 @@ def run_one(args, spec: Spec, ds, device: torch.device, on_step=None) -> dict:
     bits_per_dim = getattr(ds, "bits_per_dim", None)
     hist = train(model, train_x, val_x, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                  eval_every=_eval_every(args), seed=spec.seed, progress=False, R_every=0,
-                 bits_per_dim=bits_per_dim, callback=callback)
+                 bits_per_dim=bits_per_dim, callback=callback, sparse=sparse)
     t2 = time.perf_counter()
     h = curves(hist)
     h["R_step"], h["R"] = R_step, R_val
