@@ -285,7 +285,8 @@ class SparseODEnet(nn.Module):
     def native_solve(self, z0, logp0, t0, t1, *, trace, noise, solver, rtol, atol, options):
         """The whole solve in one native call, or None when it cannot run here (then the caller, CNF,
         integrates with torchdiffeq). It runs when the fused engine ``fused_engine(z0)`` chooses offers a
-        native solver (today the C++ field) that takes ``solver`` and ``options``, and ``native`` is on;
+        native solver (the C++ field: ``backends/_cpu_solve``; the GPU fields: the device-resident loop of
+        ``backends/_device_solve``) that takes ``solver`` and ``options``, and ``native`` is on;
         ``native_chunk`` (rows) makes it step each batch chunk independently.
         ``trace``: "exact", "hutchinson" (with the fixed ``noise``) or None (z only). Returns
         ``(z1, logp1 or None, nfe)``; a failed solve (a non-finite ``z0`` or ``noise`` included: the

@@ -27,6 +27,7 @@ from ... import _act
 from ..._ext import IMPORT_ERROR, _C
 from ..plan import BlockSparseWeight, as_block, block_grid, infer_block
 from ..registry import FieldShape, LayerSpec, layer_specs, register_backend
+from ._device_solve import DeviceSolve
 
 __all__ = ["MAX_WIDTH", "MAX_LAYERS", "built_with_cuda", "available", "require_cuda_build", "FusedLayer",
            "field_layers", "fused_mlp", "CudaField"]
@@ -299,7 +300,7 @@ def _(x, x_dot, t, tensors, meta):
     return x.new_empty(x.shape[0], n_out), x.new_empty(ntan, x.shape[0], n_out)
 
 
-class CudaField:
+class CudaField(DeviceSolve):
     """The fused field of the "cuda" backend: float32 CUDA tensors, widths <= 512, <= 16 layers."""
 
     def check(self, field: FieldShape, dtype, device) -> str | None:

@@ -22,6 +22,7 @@ import torch
 from ..plan import as_block, stack_field
 from ..registry import FieldShape, LayerSpec, layer_specs, register_backend
 from .torch_ref import bwd_epilogue_reference
+from ._device_solve import DeviceSolve
 
 __all__ = ["IMPORT_ERROR", "INTERPRET", "FUSED_MAX_WIDTH", "available", "TritonBackend", "TritonField",
            "FusedFieldPlan", "fused_field", "field_plan"]
@@ -206,7 +207,7 @@ def field_plan(net, block=None, **kw) -> FusedFieldPlan:
                                      **kw)
 
 
-class TritonField:
+class TritonField(DeviceSolve):
     """The fused field of the "triton" backend (any float dtype the kernels take, widths <= 512)."""
 
     def check(self, field: FieldShape, dtype, device) -> str | None:
