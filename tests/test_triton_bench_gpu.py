@@ -90,7 +90,7 @@ def test_smoke_run(gpu, tmp_path):
     assert {("layer_fwd", "ours_fp32"), ("layer_fwd", "cublas_fp32"), ("layer_jvp", "ours_fp32"),
             ("field", "dense_eager"), ("field", "ours_fused"), ("field", "ours_fused_tf32"),
             ("solve", "ours_eager"), ("solve", "dense_eager"), ("e2e", "ours_log_prob"),
-            ("e2e", "dense_sample")} <= benches
+            ("e2e", "stepped_log_prob"), ("e2e", "ours_rk4_graph_log_prob"), ("e2e", "dense_sample")} <= benches
     assert not [r for r in data["records"] if "error" in r["extra"]]
     assert all(r["ms"] > 0 for r in data["records"])
     # every fused provider was checked against dense on the same inputs (TF32 is exact fp32 on the CPU)
@@ -100,7 +100,7 @@ def test_smoke_run(gpu, tmp_path):
     assert max(errs.values()) < 1e-4
     # on the CPU "auto" takes the C++ field (the interpreter is never automatic); its log-densities agree
     e2e = [r for r in data["records"] if r["bench"] == "e2e"]
-    assert {r["config"]["engine"] for r in e2e} == {"cpu"}
+    assert {r["config"]["engine"] for r in e2e} == {"cpu"} and all(r["config"]["device_solve"] for r in e2e)
     assert max(r["extra"]["max_abs_logp_err"] for r in e2e) < 1e-3
 
 
