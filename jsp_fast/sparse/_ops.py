@@ -295,20 +295,27 @@ def _weight_and_scale_grads(P, g, x, x2, values, scale, need_v, need_s):
     return gv, gs
 
 
-def _fwd_backward(ctx, gy):
-    x, values, scale, y, *tables = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    act = ctx.act
-    P = _OpPrims(tables, ctx.backend)
-    need_b = ctx.has_bias and need[9]
+def _fwd_grads(P, x, values, scale, y, act, need, gy):
+    """Gradients ``(x, values, scale, bias)`` of ``bsr_fwd`` (``need``: which are wanted)."""
+    need_x, need_v, need_s, need_b = need
+    if gy is None:
+        return (None,) * 4
     if act == "none":
         gpre = gy
         gbias = gy.sum(0) if need_b else None
     else:
         gpre, gbias = P.epilogue(gy, None, y, None, scale, act, need_b)
-    gx = P.t_matmul(gpre, _scaled(values, scale, P.block_row)) if need[0] else None
-    gv, gscale = _weight_and_scale_grads(P, gpre, x, None, values, scale, need[1], ctx.has_scale and need[8])
-    return (gx, gv) + (None,) * 6 + (gscale, gbias, None, None)
+    gx = P.t_matmul(gpre, _scaled(values, scale, P.block_row)) if need_x else None
+    gv, gscale = _weight_and_scale_grads(P, gpre, x, None, values, scale, need_v, need_s)
+    return gx, gv, gscale, gbias
+
+
+def _fwd_backward(ctx, gy):
+    x, values, scale, y, *tables = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    gx, gv, gs, gb = _fwd_grads(_OpPrims(tables, ctx.backend), x, values, scale, y, ctx.act,
+                                (need[0], need[1], ctx.has_scale and need[8], ctx.has_bias and need[9]), gy)
+    return (gx, gv) + (None,) * 6 + (gs, gb, None, None)
 
 
 bsr_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -363,6 +370,28 @@ def _jvp_backward(ctx, gy, gyd):
 
 
 bsr_jvp.register_autograd(_jvp_backward, setup_context=_jvp_setup)
+
+
+class _FwdTrain(torch.autograd.Function):
+    """``bsr_fwd`` for training in eager mode, as ``_JvpTrain`` is for ``bsr_jvp``: the backend called
+    directly, the backward over ``_DirectPrims`` (or the ops under ``create_graph=True``)."""
+
+    @staticmethod
+    def forward(ctx, x, values, scale, bias, plan, tables, act, backend):
+        y = _impl(backend).fwd(x, values, plan, scale, bias, act)
+        ctx.save_for_backward(x, values, scale, y)
+        ctx.plan, ctx.tables, ctx.act, ctx.backend = plan, tables, act, backend
+        ctx.has_scale, ctx.has_bias = scale is not None, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, values, scale, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        P = _OpPrims(ctx.tables, ctx.backend) if torch.is_grad_enabled() else _DirectPrims(ctx.plan, ctx.backend)
+        grads = _fwd_grads(P, x, values, scale, y, ctx.act,
+                           (need[0], need[1], ctx.has_scale and need[2], ctx.has_bias and need[3]), gy)
+        return grads + (None,) * 4
 
 
 class _JvpTrain(torch.autograd.Function):
@@ -485,10 +514,15 @@ def bsr_linear(x: Tensor, w: BlockSparseWeight, scale: Tensor | None = None, bia
     """
     scale, bias = _check(x, w, scale, bias)
     act = _act.check(activation)
-    name = registry.resolve(backend, x.device, x.dtype, w.plan())
+    plan = w.plan()
+    name = registry.resolve(backend, x.device, x.dtype, plan)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.shape[1]).contiguous()
-    y = bsr_fwd(x2, w.values.contiguous(), *w.tables(), scale, bias, act, name)
+    values = w.values.contiguous()
+    if _eager_training(x2, values, scale, bias):
+        y = _FwdTrain.apply(x2, values, scale, bias, plan, w.tables(), act, name)
+    else:
+        y = bsr_fwd(x2, values, *w.tables(), scale, bias, act, name)
     return y.reshape(*lead, w.shape[0])
 
 
