@@ -138,3 +138,11 @@ def test_block_cells_train_on_the_sparse_kernels(tiny, tmp_path):
         assert a["sparse_training"] is False
         assert a["history"]["train_nll"] == pytest.approx(b["history"]["train_nll"], rel=1e-4)
         assert a["test_nll"] == pytest.approx(b["test_nll"], rel=1e-4) and a["test_nfe_forward"] == b["test_nfe_forward"]
+
+
+def test_a_verdict_from_one_pair_says_there_is_no_interval():
+    from jsp_fast.app import _stats
+
+    assert "no interval from 1 pair" in _fig2_report._claim(_stats.paired([1.0], [0.5]), "R")
+    assert "interval contains 0" in _fig2_report._claim(_stats.paired([1.0, 2.0, 3.0], [0.5, 0.4, 0.1]), "R")
+    assert _fig2_report._claim(_stats.paired([1.0, 1.1, 1.2], [0.0, 0.0, 0.0]), "R").startswith("**no, R is higher**")

@@ -98,6 +98,8 @@ def _claim(p, what: str, unit: str = "") -> str:
     ci = f"{p.mean:+.3g}{unit} [{lo:+.3g}, {hi:+.3g}], sign p = {p.sign_p:.2g}, n = {p.n}"
     if p.significant:
         return f"**{'yes' if p.mean < 0 else 'no, ' + what + ' is higher'}** ({ci})"
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # one pair, or no spread: no interval to decide with
+        return f"not shown (no interval from {p.n} pair{'s' if p.n != 1 else ''}: {ci})"
     return f"not shown (interval contains 0: {ci})"
 
 
@@ -109,9 +111,10 @@ def verdicts(cells: dict, row: str = "jsp") -> list[str]:
             continue
         res = _paired.compare_pair(rows[row], rows["random"])
         nll = res["test_nll"]
+        decided = all(math.isfinite(c) for c in nll.ci)
         cost = ("no pairs" if nll.n == 0 else
                 f"{nll.mean:+.3g} nats [{nll.ci[0]:+.3g}, {nll.ci[1]:+.3g}]"
-                + (" (significant)" if nll.significant else " (interval contains 0)"))
+                + (" (significant)" if nll.significant else " (interval contains 0)" if decided else " (no interval)"))
         lines += [(f"- **{cell}**: R lower than random? {_claim(res['test_R'], 'R')}. "
                   f"NFE lower? {_claim(res['test_nfe_forward'], 'NFE')}. NLL cost: {cost}.")]
     return lines
