@@ -15,6 +15,7 @@ import torch
 
 from jsp_fast import _ext
 from jsp_fast.sparse import SparseODEnet
+from jsp_fast.sparse.backends._device_solve import capture
 
 from gpu_common import make_field, max_abs_err, time_providers, to_records, with_tf32
 from gpu_config import Record, field_configs, solve_configs
@@ -93,15 +94,7 @@ def rk4_solve(field_fn, z, logp, eps, ts):
 
 def _graph(solve, z0, lp0):
     """The whole solve captured in one CUDA graph: (replay, its static output)."""
-    static = [z0.clone(), lp0.clone()]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        solve(*static)  # warm-up on a side stream, as capture requires
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = solve(*static)
+    graph, out = capture(solve, [z0.clone(), lp0.clone()])
     return graph.replay, out
 
 

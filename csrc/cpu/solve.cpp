@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
@@ -116,6 +117,8 @@ void combo(T* __restrict dst, const T* y, T* const* K, const T* c, int64_t lo, i
   }
 }
 
+// nk <= 5: dopri5's stages 1-5 and the one-term steps of euler/midpoint (stage 6 has its own pass,
+// solution_and_error_head).
 template <typename T>
 void combo_n(int nk, T* dst, const T* y, T* const* K, const T* c, int64_t lo, int64_t hi, int64_t off = 0) {
   switch (nk) {
@@ -124,8 +127,7 @@ void combo_n(int nk, T* dst, const T* y, T* const* K, const T* c, int64_t lo, in
     case 3: return combo<T, 3>(dst, y, K, c, lo, hi, off);
     case 4: return combo<T, 4>(dst, y, K, c, lo, hi, off);
     case 5: return combo<T, 5>(dst, y, K, c, lo, hi, off);
-    case 6: return combo<T, 6>(dst, y, K, c, lo, hi, off);
-    default: return combo<T, 7>(dst, y, K, c, lo, hi, off);
+    default: throw std::logic_error("combo_n: " + std::to_string(nk) + " stages (1-5 expected)");
   }
 }
 

@@ -26,7 +26,7 @@ import torch
 
 from ...cnf import SolverError
 
-__all__ = ["SOLVERS", "DeviceSolve", "odeint_device", "refusal"]
+__all__ = ["SOLVERS", "DeviceSolve", "capture", "odeint_device", "refusal"]
 
 SOLVERS = ("dopri5", "euler", "midpoint", "rk4")
 _ADAPTIVE = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps")
@@ -184,6 +184,21 @@ def _dopri5(rhs: _Rhs, y: torch.Tensor, s: float, s_end: float, rtol: float, ato
 _GRAPHS: dict = {}
 
 
+def capture(fn, static: list[torch.Tensor]):
+    """``(graph, out)``: ``fn(*static)`` captured in a CUDA graph (``graph.replay()`` recomputes ``out``
+    from the current contents of ``static``), after one warm-up call on a side stream (kernel
+    compilation and allocator warm-up must happen outside the capture). Also used by bench/gpu_fields.py."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(*static)
+    return graph, out
+
+
 def _graphed(key, fn, inputs: list[torch.Tensor]):
     """``fn(*inputs)`` replayed from a CUDA graph captured on first use (static copies of ``inputs``).
     Capture failing (an engine that synchronises) falls back to running ``fn`` eagerly, with a warning."""
@@ -191,14 +206,7 @@ def _graphed(key, fn, inputs: list[torch.Tensor]):
     if entry is None:
         static = [x.clone() for x in inputs]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fn(*static)  # warm-up (kernel compilation) outside the capture
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = fn(*static)
+            graph, out = capture(fn, static)
         except RuntimeError as exc:  # noqa: BLE001
             warnings.warn(f"device solve: CUDA graph capture failed ({exc}); running the solve eagerly",
                           stacklevel=3)

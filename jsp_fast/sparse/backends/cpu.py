@@ -40,20 +40,19 @@ class CpuBackend:
         return y
 
     def jvp(self, x, x_dot, values, plan, scale, bias, act):
-        y = torch.empty(x.shape[0], plan.n, dtype=x.dtype)
-        y_dot = torch.empty(x_dot.shape[0], x.shape[0], plan.n, dtype=x.dtype)
-        _C.bsr_jvp(_np(values), *self._tables(plan), _np(x), _np(x_dot), _np(scale), _np(bias), _act.code(act),
-                   y.numpy(), y_dot.numpy(), torch.get_num_threads())
-        return y, y_dot
+        return self._jvp(x, x_dot, values, plan, scale, bias, act, False)
 
     def jvp_ud(self, x, x_dot, values, plan, scale, bias, act):
         """``jvp`` that also returns ud = x_dot Wᵀ (the tangents before act' ⊙ scale) from the same pass."""
+        return self._jvp(x, x_dot, values, plan, scale, bias, act, True)
+
+    def _jvp(self, x, x_dot, values, plan, scale, bias, act, with_ud: bool):
         y = torch.empty(x.shape[0], plan.n, dtype=x.dtype)
         y_dot = torch.empty(x_dot.shape[0], x.shape[0], plan.n, dtype=x.dtype)
-        ud = torch.empty_like(y_dot)
+        ud = torch.empty_like(y_dot) if with_ud else None
         _C.bsr_jvp(_np(values), *self._tables(plan), _np(x), _np(x_dot), _np(scale), _np(bias), _act.code(act),
-                   y.numpy(), y_dot.numpy(), torch.get_num_threads(), ud.numpy())
-        return y, y_dot, ud
+                   y.numpy(), y_dot.numpy(), torch.get_num_threads(), _np(ud))
+        return (y, y_dot, ud) if with_ud else (y, y_dot)
 
     def t_matmul(self, g, values, plan):
         gx = torch.empty(g.shape[0], plan.k, dtype=g.dtype)
